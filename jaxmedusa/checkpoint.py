@@ -1,0 +1,110 @@
+"""Reading HF model directories: model.safetensors, sharded safetensors (with index), pytorch_model.bin.
+
+Loading is declarative and loud: every tensor goes through the table in params.py; an unexpected,
+duplicate or missing key, or a wrong shape, is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from .params import IGNORED_KEY_SUFFIXES, ParamEntry
+from .safetensors_io import iter_safetensors
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the key and shapes."""
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[str]:
+    """The weight files of an HF model directory, preferring safetensors over .bin."""
+    model_dir = os.fspath(model_dir)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = os.path.join(model_dir, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+            if missing:
+                raise CheckpointError(f"{index} lists shard {missing[0]!r}, which is not in {model_dir}")
+            return [os.path.join(model_dir, f) for f in files]
+        path = os.path.join(model_dir, single)
+        if os.path.isfile(path):
+            return [path]
+    raise CheckpointError(f"no weights in {model_dir}: expected model.safetensors, "
+                          "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch  # only for .bin checkpoints
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def iter_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise CheckpointError(f"{path} is a PyTorch checkpoint; install torch (pip install 'jaxmedusa[torch]') "
+                              "or convert it to safetensors") from None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    for key, t in state.items():
+        yield key, _torch_to_numpy(t)
+
+
+def iter_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) over all files, numpy arrays in their stored dtype."""
+    for path in files:
+        if path.endswith(".safetensors"):
+            yield from iter_safetensors(path)
+        else:
+            yield from iter_bin(path)
+
+
+def read_params(files: list[str], table: list[ParamEntry], dtype, *, optional: set[str] = frozenset(),
+                claim=None) -> dict[tuple, np.ndarray]:
+    """Maps checkpoint tensors onto model paths (cast to dtype, transposed) following `table`.
+
+    `claim(key, array) -> bool` lets a caller take keys the table does not cover (Medusa heads inside
+    a full checkpoint). Raises CheckpointError for unexpected, duplicate or missing keys and bad shapes.
+    """
+    by_key = {e.hf_key: e for e in table}
+    out: dict[tuple, np.ndarray] = {}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for key, arr in iter_tensors(files):
+        if key in seen:
+            raise CheckpointError(f"key {key!r} appears twice in the checkpoint")
+        seen.add(key)
+        entry = by_key.get(key)
+        if entry is None:
+            if key.endswith(IGNORED_KEY_SUFFIXES) or key in optional or (claim is not None and claim(key, arr)):
+                continue
+            unexpected.append(key)
+            continue
+        if tuple(arr.shape) != entry.hf_shape:
+            raise CheckpointError(f"key {key!r}: expected shape {entry.hf_shape}, found {tuple(arr.shape)}")
+        value = np.asarray(arr).astype(dtype)
+        out[entry.path] = value.T if entry.transpose else value
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"unexpected key {unexpected[0]!r} in the checkpoint{more}")
+    missing = [e.hf_key for e in table if e.hf_key not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"missing key {missing[0]!r} in the checkpoint{more}")
+    return out

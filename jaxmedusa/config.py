@@ -1,0 +1,164 @@
+"""ModelConfig: the frozen, hashable description of a base model, built from a Hugging Face config.json.
+
+Both config.json dialects are read: the classic one (`rope_theta` + `rope_scaling`) and transformers 5's
+(`rope_parameters`). Validation happens here, once, and every error names the field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+class ConfigError(ValueError):
+    """A config.json that jaxmedusa cannot serve; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (HF's split-halves layout, no permutation of q/k weights)."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model code needs to know about a Llama-family checkpoint."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_kv_heads})")
+        if self.rope.type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope type {self.rope.type!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 = MHA, >1 = GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from the contents of an HF config.json."""
+        arch = _architecture(d)
+        try:
+            hidden = int(d["hidden_size"])
+            heads = int(d["num_attention_heads"])
+            layers = int(d["num_hidden_layers"])
+            vocab = int(d["vocab_size"])
+            inter = int(d["intermediate_size"])
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the required field {e.args[0]!r}") from None
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act {act!r} is not supported (Llama-family models use 'silu')")
+        head_dim = d.get("head_dim") or hidden // heads
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        sliding = d.get("sliding_window") if arch == "MistralForCausalLM" else None
+        max_pos = int(d.get("max_position_embeddings", 2048))
+        return cls(
+            architecture=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=max_pos,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope=_rope(d, max_pos),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Reads config.json (or a directory holding one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no config.json at {path}")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d)
+
+
+def _architecture(d: Mapping[str, Any]) -> str:
+    archs = d.get("architectures") or []
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a
+    mt = d.get("model_type")
+    if not archs and mt in _MODEL_TYPE_TO_ARCH:
+        return _MODEL_TYPE_TO_ARCH[mt]
+    found = ", ".join(archs) if archs else f"model_type={mt!r}"
+    raise ConfigError(f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _rope(d: Mapping[str, Any], max_pos: int) -> RopeConfig:
+    """Reads RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+    params = dict(d.get("rope_parameters") or {})
+    scaling = dict(d.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", d.get("rope_theta", 10000.0)))
+    rtype = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rtype not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"rope type {rtype!r} (rope_scaling/rope_parameters) is not supported; "
+                          f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rtype != "default" and "factor" not in merged:
+        raise ConfigError(f"rope type {rtype!r} needs a 'factor' in rope_scaling/rope_parameters")
+    return RopeConfig(
+        theta=theta,
+        type=rtype,
+        factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            merged.get("original_max_position_embeddings", d.get("original_max_position_embeddings", max_pos))),
+    )

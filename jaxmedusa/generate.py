@@ -1,0 +1,179 @@
+"""Vanilla autoregressive generation: one jitted prefill, then the whole decode loop in one jitted
+`lax.while_loop` with the cache donated. Ragged batches; each sequence stops at its own EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .cache import KVCache
+from .compile_cache import call_compiled
+from .loading import Model
+from .sampling import choose_tokens
+
+PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share a compilation
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    texts: list[str] | None
+    stats: dict[str, Any]
+
+
+def encode_prompts(model: Model, prompts) -> list[list[int]]:
+    """Normalises prompts (one or many; strings or token-id lists) to a list of token-id lists."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
+                                    isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError(f"prompt {i} is a string but the model has no tokenizer; pass token ids")
+            ids = list(model.tokenizer(p)["input_ids"])
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; at least one token is needed")
+        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {model.config.vocab_size})")
+        out.append(ids)
+    return out
+
+
+def resolve_eos(model: Model, eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return tuple(model.eos_token_ids)
+    return tuple(int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
+
+
+def pad_prompts(prompts: list[list[int]], max_len: int, reserve: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads prompts into [B, L] (L a multiple of PROMPT_BUCKET) and checks the cache fits them."""
+    lens = np.array([len(p) for p in prompts], np.int32)
+    need = int(lens.max()) + reserve
+    if need > max_len:
+        raise ValueError(f"prompt of {int(lens.max())} tokens + {reserve} new tokens needs {need} cache slots, "
+                         f"but max_len is {max_len}; load with a larger max_len or generate fewer tokens")
+    width = min(-(-int(lens.max()) // PROMPT_BUCKET) * PROMPT_BUCKET, max_len)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    return tokens, lens
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_len", "attn_impl"))
+def prefill(state, tokens: jax.Array, lens: jax.Array, *, graphdef, max_len: int, attn_impl: str | None = None):
+    """Runs right-padded prompts [B, L] through a fresh cache. Returns (cache with lengths = lens, last
+    prompt token's final-norm hidden [B, H])."""
+    lm = nnx.merge(graphdef, state)
+    b, width = tokens.shape
+    cache = KVCache.create(lm.config, b, max_len, lm.dtype)
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
+    causal = jnp.tril(jnp.ones((width, width), bool))
+    hidden, cache = lm(tokens, positions, cache, causal, prefill=True, attn_impl=attn_impl)
+    last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
+    return cache._replace(lengths=lens.astype(jnp.int32)), last
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "use_top_p", "attn_impl"),
+         donate_argnames=("cache",))
+def decode_loop(state, cache: KVCache, hidden: jax.Array, key: jax.Array, eos_ids: jax.Array,
+                temperature: jax.Array, top_p: jax.Array, *, graphdef, max_new_tokens: int, greedy: bool,
+                use_top_p: bool, attn_impl: str | None = None):
+    """Generates up to max_new_tokens per sequence on device.
+
+    Returns (tokens [B, N], counts [B], steps, cache); the cache is returned so its donated buffers are
+    updated in place and a caller may continue from it.
+    """
+    lm = nnx.merge(graphdef, state)
+    b = cache.batch
+    out0 = jnp.zeros((b, max_new_tokens), jnp.int32)
+    one = jnp.ones((1, 1), bool)
+
+    def cond(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, hidden, out, done, key = carry
+        key, sub = jax.random.split(key)
+        tok = choose_tokens(lm.logits(hidden), sub, temperature, top_p, greedy=greedy, use_top_p=use_top_p)
+        out = out.at[:, step].set(jnp.where(done, 0, tok))
+        counts_inc = ~done
+        done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+        h, cache = lm(tok[:, None], cache.lengths[:, None], cache, one, attn_impl=attn_impl)
+        cache = cache._replace(lengths=cache.lengths + counts_inc.astype(jnp.int32))
+        return step + 1, cache, h[:, 0], out, done, key
+
+    done0 = jnp.zeros((b,), bool)
+    start_lengths = cache.lengths
+    step, cache, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, hidden, out0, done0, key))
+    return out, cache.lengths - start_lengths, step, cache
+
+
+def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, eos_token_id=None, attn_impl: str | None = None) -> GenerationResult:
+    """Generates continuations for one prompt or a ragged batch (strings need the model's tokenizer).
+
+    temperature 0 is greedy; otherwise sampling with temperature and top-p (nucleus). Each sequence
+    stops at its own EOS (included in its tokens) or after max_new_tokens.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    ids = encode_prompts(model, prompts)
+    eos = resolve_eos(model, eos_token_id)
+    tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens)
+    graphdef, state = model.split()
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    t0 = time.perf_counter()
+    (cache, hidden), c1 = call_compiled(prefill, (state, jnp.asarray(tokens), jnp.asarray(lens)),
+                                        dict(graphdef=graphdef, max_len=model.max_len, attn_impl=attn_impl))
+    jax.block_until_ready(hidden)
+    t1 = time.perf_counter()
+    args = (state, cache, hidden, jax.random.key(seed), eos_arr, jnp.float32(max(temperature, 1e-6)),
+            jnp.float32(top_p))
+    static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
+                  use_top_p=top_p < 1.0, attn_impl=attn_impl)
+    (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
+    out, counts, steps = jax.device_get((out, counts, steps))
+    t2 = time.perf_counter()
+    compile_seconds = c1 + c2
+    run_seconds = t2 - t0 - compile_seconds
+
+    new = [out[i, :counts[i]].tolist() for i in range(len(ids))]
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    new_tokens = int(counts.sum())
+    steps = int(steps)
+    stats = {
+        "batch": len(ids),
+        "steps": steps,
+        "new_tokens": new_tokens,
+        # vanilla decoding emits exactly one token per active sequence per step
+        "tokens_per_step": 1.0 if new_tokens else 0.0,
+        "prefill_seconds": t1 - t0 - c1,
+        "decode_seconds": t2 - t1 - c2,
+        "seconds": run_seconds,
+        "compile_seconds": compile_seconds,
+        "tokens_per_second": new_tokens / run_seconds if run_seconds > 0 else float("inf"),
+    }
+    return GenerationResult(tokens=new, texts=texts, stats=stats)

@@ -1,0 +1,110 @@
+"""`Model` (base LM + tokenizer + generation settings) and `load()` for local HF model directories."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .checkpoint import read_params, weight_files
+from .config import ConfigError, ModelConfig
+from .model import LlamaForCausalLM
+from .params import llama_param_table, optional_keys
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+@dataclasses.dataclass
+class Model:
+    """What generate() runs: the NNX language model, its config, the cache size, and optional tokenizer."""
+
+    lm: LlamaForCausalLM
+    max_len: int = 2048
+    tokenizer: Any = None
+    eos_token_ids: tuple[int, ...] = ()
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_len <= 0:
+            raise ValueError(f"max_len must be positive, got {self.max_len}")
+        self._split = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.lm.config
+
+    @property
+    def dtype(self):
+        return self.lm.dtype
+
+    def split(self):
+        """(graphdef, state), computed once: jitted functions take the state as an argument."""
+        if self._split is None:
+            self._split = nnx.split(self.lm)
+        return self._split
+
+
+def default_dtype(checkpoint_dtype: str | None):
+    """float32 on CPU (bf16 matmuls are slow there); on accelerators the checkpoint's dtype."""
+    if jax.default_backend() == "cpu" or not checkpoint_dtype:
+        return jnp.float32
+    return {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(checkpoint_dtype), jnp.float32)
+
+
+def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype) -> LlamaForCausalLM:
+    """An LlamaForCausalLM whose parameters are exactly `params` (path -> array), with no random init."""
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        if path not in params:
+            raise ConfigError(f"internal: no value for parameter {'.'.join(map(str, path))}")
+        var.value = jnp.asarray(params[path])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _eos_ids(model_dir: str, cfg: ModelConfig) -> tuple[int, ...]:
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    return cfg.eos_token_ids
+
+
+def load_tokenizer(model_dir: str):
+    """transformers' AutoTokenizer from local files, or None when the directory has no tokenizer."""
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def load(path: str | os.PathLike, *, dtype=None, max_len: int = 2048) -> Model:
+    """Loads a local HF Llama/Mistral model directory (config.json + safetensors or .bin weights).
+
+    dtype: parameter/compute dtype; None means float32 on CPU and the checkpoint's dtype elsewhere.
+    max_len: KV-cache slots per sequence (prompt + generated tokens).
+    """
+    model_dir = os.fspath(path)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    cfg = ModelConfig.from_json(model_dir)
+    if cfg.sliding_window is not None and max_len > cfg.sliding_window:
+        raise ConfigError(f"max_len {max_len} exceeds the model's sliding_window {cfg.sliding_window}; "
+                          f"sliding-window attention is not implemented, use max_len <= {cfg.sliding_window}")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype(raw.get("torch_dtype") or raw.get("dtype"))
+    params = read_params(weight_files(model_dir), llama_param_table(cfg), dtype, optional=optional_keys(cfg))
+    lm = build_model(cfg, params, dtype)
+    return Model(lm=lm, max_len=max_len, tokenizer=load_tokenizer(model_dir),
+                 eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir)

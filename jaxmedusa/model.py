@@ -1,0 +1,120 @@
+"""Llama-family causal LM (Llama 1/2/3, Vicuna, Mistral, Zephyr) in Flax NNX, with an explicit KV cache.
+
+One forward serves prefill, decode and Medusa tree verification: it takes the tokens, their positions,
+the cache and a [T, T] mask among the new tokens (causal for a prompt chunk, ancestors for a tree),
+writes the new K/V at slots [lengths, lengths + T) and returns the final-norm hidden states. The cache's
+`lengths` are left for the caller to advance, since only the caller knows how many tokens to keep.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmedusa.kernels import attention
+
+from .cache import KVCache, write_kv
+from .config import ModelConfig
+from .rope import apply_rope, inv_freq, rope_cos_sin
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def _linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(cfg_in, cfg_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                      kernel_init=nnx.initializers.normal(0.02))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
+        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.o_proj = _linear(cfg.num_heads * d, h, cfg.attention_bias, dtype, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, cache: KVCache, layer: int, tree_mask, prefill: bool, attn_impl):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ck = write_kv(cache.k, layer, k, cache.lengths)
+        cv = write_kv(cache.v, layer, v, cache.lengths)
+        o = attention(q, ck[layer], cv[layer], cache.lengths, tree_mask, prefill=prefill, impl=attn_impl)
+        return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache._replace(k=ck, v=cv)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(h, i, cfg.mlp_bias, dtype, rngs)
+        self.up_proj = _linear(h, i, cfg.mlp_bias, dtype, rngs)
+        self.down_proj = _linear(i, h, cfg.mlp_bias, dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, cos, sin, cache, layer, tree_mask, prefill, attn_impl):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, tree_mask, prefill, attn_impl)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The base model. Parameter names mirror HF's so the checkpoint table is a plain rename + transpose."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      rngs=rngs, embedding_init=nnx.initializers.normal(0.02))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False,
+                                                                     dtype, rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, tree_mask: jax.Array, *,
+                 prefill: bool = False, attn_impl: str | None = None) -> tuple[jax.Array, KVCache]:
+        """tokens, positions [B, T]; tree_mask [T, T] bool. Returns (final-norm hidden [B, T, H], cache)."""
+        cfg = self.config
+        x = self.embed_tokens(tokens)
+        inv = inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions)
+        cos, sin = rope_cos_sin(inv, positions)
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, cos, sin, cache, i, tree_mask, prefill, attn_impl)
+        return self.norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM-head logits (float32) for final-norm hidden states."""
+        if self.lm_head is None:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)

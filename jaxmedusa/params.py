@@ -1,0 +1,53 @@
+"""One table from HF checkpoint keys to model parameter paths, with the shape each must have.
+
+Loading, saving and (later) sharding rules read this table, so they cannot drift apart. HF stores
+Linear weights as [out, in]; NNX kernels are [in, out], hence `transpose`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamEntry:
+    hf_key: str
+    path: tuple  # path in nnx.state(model)
+    hf_shape: tuple[int, ...]
+    transpose: bool = False
+
+
+# Buffers some checkpoints carry that are not parameters (recomputed from the config).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def llama_param_table(cfg: ModelConfig) -> list[ParamEntry]:
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qd, kvd = cfg.num_heads * d, cfg.num_kv_heads * d
+    table = [ParamEntry("model.embed_tokens.weight", ("embed_tokens", "embedding"), (cfg.vocab_size, h))]
+
+    def linear(hf: str, path: tuple, out_dim: int, in_dim: int, bias: bool) -> None:
+        table.append(ParamEntry(f"{hf}.weight", path + ("kernel",), (out_dim, in_dim), transpose=True))
+        if bias:
+            table.append(ParamEntry(f"{hf}.bias", path + ("bias",), (out_dim,)))
+
+    for n in range(cfg.num_layers):
+        p, hp = ("layers", n), f"model.layers.{n}"
+        table.append(ParamEntry(f"{hp}.input_layernorm.weight", p + ("input_layernorm", "weight"), (h,)))
+        table.append(ParamEntry(f"{hp}.post_attention_layernorm.weight",
+                                p + ("post_attention_layernorm", "weight"), (h,)))
+        for name, out_dim, in_dim in (("q_proj", qd, h), ("k_proj", kvd, h), ("v_proj", kvd, h), ("o_proj", h, qd)):
+            linear(f"{hp}.self_attn.{name}", p + ("self_attn", name), out_dim, in_dim, cfg.attention_bias)
+        for name, out_dim, in_dim in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+            linear(f"{hp}.mlp.{name}", p + ("mlp", name), out_dim, in_dim, cfg.mlp_bias)
+    table.append(ParamEntry("model.norm.weight", ("norm", "weight"), (h,)))
+    if not cfg.tie_word_embeddings:
+        table.append(ParamEntry("lm_head.weight", ("lm_head", "kernel"), (cfg.vocab_size, h), transpose=True))
+    return table
+
+
+def optional_keys(cfg: ModelConfig) -> set[str]:
+    """Keys a checkpoint may carry beyond the table without being wrong (tied lm_head saved anyway)."""
+    return {"lm_head.weight"} if cfg.tie_word_embeddings else set()

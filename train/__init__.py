@@ -1,0 +1,1 @@
+"""Training Medusa heads (jaxmedusa.train)."""
