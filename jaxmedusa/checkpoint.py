@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from .params import IGNORED_KEY_SUFFIXES, ParamEntry
-from .safetensors_io import iter_safetensors
+from .safetensors_io import iter_safetensors, save_safetensors
 
 
 class CheckpointError(ValueError):
@@ -108,3 +108,37 @@ def read_params(files: list[str], table: list[ParamEntry], dtype, *, optional: s
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"missing key {missing[0]!r} in the checkpoint{more}")
     return out
+
+
+def export_params(flat_params: dict[tuple, np.ndarray], table: list[ParamEntry]) -> dict[str, np.ndarray]:
+    """The inverse of read_params: model paths -> HF keys, transposed back to [out, in]."""
+    out = {}
+    for e in table:
+        if e.path not in flat_params:
+            raise CheckpointError(f"model has no parameter {'.'.join(map(str, e.path))} for key {e.hf_key!r}")
+        value = np.asarray(flat_params[e.path])
+        out[e.hf_key] = np.ascontiguousarray(value.T if e.transpose else value)
+    return out
+
+
+def save_tensors(model_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None) -> None:
+    """Writes model.safetensors, or shards + model.safetensors.index.json when over max_shard_bytes."""
+    total = sum(t.nbytes for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_safetensors(os.path.join(model_dir, "model.safetensors"), tensors, {"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        if shards[-1] and size + tensors[key].nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += tensors[key].nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(os.path.join(model_dir, name), shard, {"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -113,6 +113,30 @@ class ModelConfig:
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """An HF config.json dict that from_hf_dict (and transformers) read back as this config."""
+        model_type = {v: k for k, v in _MODEL_TYPE_TO_ARCH.items()}[self.architecture]
+        rope: dict[str, Any] = {"rope_type": self.rope.type, "rope_theta": self.rope.theta}
+        if self.rope.type != "default":
+            rope["factor"] = self.rope.factor
+        if self.rope.type == "llama3":
+            rope.update(low_freq_factor=self.rope.low_freq_factor, high_freq_factor=self.rope.high_freq_factor,
+                        original_max_position_embeddings=self.rope.original_max_position_embeddings)
+        d: dict[str, Any] = {
+            "architectures": [self.architecture], "model_type": model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta, "rope_parameters": rope, "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+        }
+        if self.architecture == "MistralForCausalLM":
+            d["sliding_window"] = self.sliding_window
+        return d
+
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
         """Reads config.json (or a directory holding one)."""

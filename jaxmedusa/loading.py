@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checkpoint import read_params, weight_files
+from .checkpoint import export_params, read_params, save_tensors, weight_files
 from .config import ConfigError, ModelConfig
 from .model import LlamaForCausalLM
 from .params import llama_param_table, optional_keys
@@ -65,7 +65,7 @@ def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype) -> Lla
     for path, var in flat:
         if path not in params:
             raise ConfigError(f"internal: no value for parameter {'.'.join(map(str, path))}")
-        var.value = jnp.asarray(params[path])
+        var.set_value(jnp.asarray(params[path]))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -108,3 +108,22 @@ def load(path: str | os.PathLike, *, dtype=None, max_len: int = 2048) -> Model:
     lm = build_model(cfg, params, dtype)
     return Model(lm=lm, max_len=max_len, tokenizer=load_tokenizer(model_dir),
                  eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir)
+
+
+def save(model: Model | LlamaForCausalLM, path: str | os.PathLike, *, dtype=None,
+         max_shard_bytes: int | None = None) -> None:
+    """Writes an HF model directory (config.json + safetensors) that load() and transformers both read."""
+    lm = model.lm if isinstance(model, Model) else model
+    model_dir = os.fspath(path)
+    os.makedirs(model_dir, exist_ok=True)
+    flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))}
+    tensors = export_params(flat, llama_param_table(lm.config))
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    cfg = lm.config.to_hf_dict()
+    cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_tensors(model_dir, tensors, max_shard_bytes)
+    if isinstance(model, Model) and model.tokenizer is not None:
+        model.tokenizer.save_pretrained(model_dir)

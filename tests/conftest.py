@@ -1,0 +1,92 @@
+"""Tiny models for tests: HF PyTorch ones (reference) and jaxmedusa ones saved as HF directories."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import jaxmedusa
+from jaxmedusa.config import ModelConfig
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1,
+            eos_token_id=2)
+
+
+def tiny_config(arch: str = "llama", **overrides) -> dict:
+    d = dict(TINY, model_type=arch,
+             architectures=["LlamaForCausalLM" if arch == "llama" else "MistralForCausalLM"])
+    d.update(overrides)
+    return d
+
+
+def random_lm(seed: int = 0, std: float = 0.2, **overrides) -> jaxmedusa.LlamaForCausalLM:
+    """A random jaxmedusa model with weights large enough that greedy choices are not near-ties."""
+    cfg = ModelConfig.from_hf_dict(tiny_config(**overrides))
+    lm = jaxmedusa.LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(lm)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree_util.tree_leaves(state))))
+    state = jax.tree_util.tree_map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype) * std
+                                   if x.ndim == 2 else x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype),
+                                   state)
+    return nnx.merge(graphdef, state)
+
+
+@pytest.fixture
+def jax_model_dir(tmp_path):
+    """Factory: saves a random jaxmedusa model as an HF directory and returns its path (no torch needed)."""
+
+    def make(seed: int = 0, name: str = "model", **overrides) -> str:
+        path = os.path.join(tmp_path, name)
+        jaxmedusa.save(random_lm(seed, **overrides), path)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def hf_model(tmp_path):
+    """Factory: a random transformers model saved in a chosen layout; returns (torch model, directory)."""
+
+    def make(arch: str = "llama", layout: str = "safetensors", seed: int = 0, **overrides):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        d = tiny_config(arch, initializer_range=0.2, **overrides)
+        d.pop("architectures")
+        config = AutoConfig.for_model(**d)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # non-trivial norms, so a transposed or swapped norm weight is caught
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+        path = os.path.join(tmp_path, f"{arch}-{layout}-{seed}")
+        if layout == "safetensors":
+            model.save_pretrained(path)
+        elif layout == "sharded":
+            model.save_pretrained(path, max_shard_size="40KB")
+            assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+        elif layout == "bin":
+            config.save_pretrained(path)
+            torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+        else:
+            raise ValueError(layout)
+        return model, path
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `torch` when torch is not installed (the jax 0.11 CI leg)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        skip = pytest.mark.skip(reason="needs torch")
+        for item in items:
+            if "torch" in item.keywords:
+                item.add_marker(skip)
