@@ -1,0 +1,229 @@
+"""Pallas kernels for attention over the KV cache: split-K decode attention and tree-verify attention.
+
+Backend choice: these are portable Pallas kernels lowered to Triton (ref indexing, `plgpu.load` for
+masked loads, `jnp.dot` inside the kernel). That lowering works on jax 0.10.2 and 0.11.x alike (it is
+deprecated in 0.11 in favour of Mosaic GPU, which interprets on CPU only on 0.11) and every kernel runs
+on CPU with `interpret=True`, which is how the tests check them.
+
+One kernel serves both entry points. For each (sequence, KV head) it takes all query rows that share
+that KV head (T tree tokens x G grouped query heads = M rows) and streams the live cache prefix
+[0, length) through them in blocks of `block_k` slots: a [M, D] x [D, block_k] GEMM per block, so the
+cache is read once whatever T is (FlashDecoding++'s flat GEMM). The prefix is split into `num_splits`
+chunks sized by the live length (not the cache capacity), each program writing a float32 partial; a
+tiny masked T x T block over the tree slots is done in plain JAX, and everything is merged at the end.
+
+Unified max (FlashDecoding++): with `unified_max=phi` every partial accumulates exp(s - phi) instead of
+keeping a running max, so no in-loop rescale and the merge is a plain sum. If any row's true maximum
+score lies more than UNIFIED_MAX_MARGIN from phi (overflow or underflow risk) the result is recomputed
+with the exact online-softmax kernel and an exact log-sum-exp merge; `unified_max=None` always uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+UNIFIED_MAX_MARGIN = 50.0  # exp(50) * 32k slots * |v| stays far below float32's max; exp(-50) is a normal float
+_NEG = -1e30
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int, num_splits: int,
+                   sm_scale: float, phi: float | None):
+    """One (sequence, KV head, row tile, split): partial attention of block_m rows over its prefix chunk."""
+    split = pl.program_id(3)
+    length = len_ref[()]
+    chunk = pl.cdiv(pl.cdiv(length, num_splits), block_k) * block_k
+    start = split * chunk
+    end = jnp.minimum(start + chunk, length)
+    q = q_ref[...]
+    block_m, d = q.shape
+    cols = jnp.arange(block_k, dtype=jnp.int32)
+
+    def body(i, carry):
+        acc, m, l = carry
+        off = start + i * block_k
+        valid = off + cols < end
+        k = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
+        v = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
+        s = jnp.where(valid[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        if phi is None:  # exact online softmax: rescale what was accumulated
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new[:, None])
+            l = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+        else:  # unified max: one fixed reference, nothing to rescale
+            p = jnp.exp(s - phi)
+            l = l + jnp.sum(p, axis=1)
+        acc = acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), _NEG, jnp.float32),
+            jnp.zeros((block_m,), jnp.float32))
+    n_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
+    acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _prefix_partials(q4, k, v, lengths, *, sm_scale, phi, block_m, block_k, num_splits, num_warps, num_stages,
+                     interpret):
+    """q4 [B, KVH, Mp, D] over cache k/v [B, S, KVH, D] slots [0, lengths).
+
+    Returns float32 partials o [B, KVH, splits, Mp, D], m, l [B, KVH, splits, Mp].
+    """
+    b, kvh, mp, d = q4.shape
+    s = k.shape[1]
+    grid = (b, kvh, mp // block_m, num_splits)
+    kernel = functools.partial(_prefix_kernel, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale, phi=phi)
+    kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, mt, sp: (bi, 0, h, 0))
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((None,), lambda bi, h, mt, sp: (bi,)),
+            pl.BlockSpec((None, None, block_m, d), lambda bi, h, mt, sp: (bi, h, mt, 0)),
+            kv_spec,
+            kv_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, block_m, d), lambda bi, h, mt, sp: (bi, h, sp, mt, 0)),
+            pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
+            pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, kvh, num_splits, mp, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, kvh, num_splits, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kvh, num_splits, mp), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="jaxmedusa_prefix_attention",
+    )(lengths.astype(jnp.int32), q4, k, v)
+
+
+def _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi):
+    """The T x T tree part in plain JAX: q5 [B, KVH, T, G, D] over tree slots [lengths, lengths + T).
+
+    Returns o [B, KVH, T, G, D], m, l [B, KVH, T, G] (float32), with the same convention as the kernel.
+    """
+    t = q5.shape[2]
+    slots = (lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :])[:, :, None, None]
+    kt = jnp.take_along_axis(k, slots, axis=1, mode="clip")  # [B, T, KVH, D]
+    vt = jnp.take_along_axis(v, slots, axis=1, mode="clip")
+    s = jnp.einsum("bktgd,bukd->bktgu", q5, kt, preferred_element_type=jnp.float32) * sm_scale
+    mask = tree_mask[None, None, :, None, :]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.maximum(jnp.max(s, axis=-1), _NEG)
+    p = jnp.exp(s - (m[..., None] if phi is None else phi))
+    o = jnp.einsum("bktgu,bukd->bktgd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+    return o, m, jnp.sum(p, axis=-1)
+
+
+def _merge(parts, exact: bool):
+    """Merges (o, m, l) partials that share a row layout; parts[i] o [..., D], m/l [...]."""
+    if exact:
+        big_m = functools.reduce(jnp.maximum, [m for _, m, _ in parts])
+        scales = [jnp.exp(m - big_m) for _, m, _ in parts]
+    else:
+        big_m = functools.reduce(jnp.maximum, [m for _, m, _ in parts])
+        scales = [None] * len(parts)
+    o = sum(po if sc is None else po * sc[..., None] for (po, _, _), sc in zip(parts, scales))
+    l = sum(pl_ if sc is None else pl_ * sc for (_, _, pl_), sc in zip(parts, scales))
+    return o / jnp.where(l > 0, l, 1.0)[..., None], big_m
+
+
+def _check_tuning(d: int, block_m: int, block_k: int, num_splits: int) -> None:
+    if not _pow2(d) or d < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16 for the Pallas kernels, got {d}")
+    if not _pow2(block_m) or block_m < 16:
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if not _pow2(block_k) or block_k < 16:
+        raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+
+
+def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int, block_k: int) -> int:
+    """Enough programs to fill an H100 (132 SMs, two waves), never more than the cache has blocks."""
+    programs = batch * kv_heads * row_tiles
+    return max(1, min(pl.cdiv(264, programs), pl.cdiv(num_slots, block_k), 64))
+
+
+def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, block_k, num_splits, num_warps,
+            num_stages, interpret):
+    """q5 [B, KVH, T, G, D]: prefix kernel (+ tree block when tree_mask is given), merged -> same shape."""
+    b, kvh, t, g, d = q5.shape
+    rows = t * g
+    block_m = block_m or min(128, max(16, pl.next_power_of_2(rows)))
+    block_k = block_k or (64 if rows > 64 else 128)
+    mp = pl.cdiv(rows, block_m) * block_m
+    num_splits = num_splits or default_num_splits(b, kvh, mp // block_m, k.shape[1], block_k)
+    _check_tuning(d, block_m, block_k, num_splits)
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    q4 = jnp.pad(q5.reshape(b, kvh, rows, d), ((0, 0), (0, 0), (0, mp - rows), (0, 0)))
+
+    def run(phi):
+        o, m, l = _prefix_partials(q4, k, v, lengths, sm_scale=sm_scale, phi=phi, block_m=block_m, block_k=block_k,
+                                   num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                                   interpret=interpret)
+        o = o[:, :, :, :rows].reshape(b, kvh, num_splits, t, g, d)
+        m = m[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
+        l = l[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
+        parts = [(o[:, :, i], m[:, :, i], l[:, :, i]) for i in range(num_splits)]
+        if tree_mask is not None:
+            parts.append(_tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi))
+        return _merge(parts, exact=phi is None)
+
+    if unified_max is None:
+        return run(None)[0]
+    out, big_m = run(float(unified_max))
+    live = big_m > _NEG / 2  # rows that saw at least one slot
+    ok = jnp.all(~live | (jnp.abs(big_m - unified_max) <= UNIFIED_MAX_MARGIN))
+    return lax.cond(ok, lambda: out, lambda: run(None)[0])
+
+
+_STATIC = ("sm_scale", "unified_max", "block_m", "block_k", "num_splits", "num_warps", "num_stages", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, sm_scale: float | None = None,
+                     unified_max: float | None = 0.0, block_m: int | None = None, block_k: int | None = None,
+                     num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     interpret: bool = False) -> jax.Array:
+    """q [B, H, D] over k/v [B, S, KVH, D] slots [0, lengths) -> [B, H, D]; GQA by grouping heads per KV head."""
+    b, h, d = q.shape
+    kvh = k.shape[2]
+    q5 = q.reshape(b, kvh, 1, h // kvh, d)
+    out = _attend(q5, k, v, lengths.astype(jnp.int32), None, sm_scale=sm_scale, unified_max=unified_max,
+                  block_m=block_m, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+                  num_stages=num_stages, interpret=interpret)
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree_mask: jax.Array, *,
+                   sm_scale: float | None = None, unified_max: float | None = 0.0, block_m: int | None = None,
+                   block_k: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+                   num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """q [B, T, H, D] for T tree tokens whose K/V sit at slots [lengths, lengths + T): each sees the prefix
+    [0, lengths) and the tree slots tree_mask [T, T] allows -> [B, T, H, D]."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q5 = jnp.transpose(q.reshape(b, t, kvh, h // kvh, d), (0, 2, 1, 3, 4))
+    out = _attend(q5, k, v, lengths.astype(jnp.int32), tree_mask.astype(bool), sm_scale=sm_scale,
+                  unified_max=unified_max, block_m=block_m, block_k=block_k, num_splits=num_splits,
+                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, h, d).astype(q.dtype)
