@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxmedusa.kernels import attention_pallas as ap  # noqa: E402
-from jaxmedusa.kernels.reference import decode_attention_reference, tree_attention_reference  # noqa: E402
+from jaxmedusa.kernels import attention_pallas as ap
+from jaxmedusa.kernels.reference import decode_attention_reference, tree_attention_reference
 
 
 def device_name() -> str:

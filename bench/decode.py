@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jaxmedusa  # noqa: E402
-from jaxmedusa.config import ModelConfig  # noqa: E402
+import jaxmedusa
+from jaxmedusa.config import ModelConfig
 
 
 def device_name() -> str:
