@@ -1,6 +1,9 @@
-"""Attention for the KV cache: pure-JAX references and the dispatcher the model calls (jaxmedusa.kernels)."""
+"""Attention over the KV cache (jaxmedusa.kernels): Pallas kernels, their pure-JAX references, and the
+dispatcher the model calls."""
 
-from .dispatch import IMPLS, attention, resolve_impl
+from .attention_pallas import decode_attention, tree_attention
+from .dispatch import IMPLS, attention, kernel_supports, resolve_impl
 from .reference import decode_attention_reference, tree_attention_reference
 
-__all__ = ["IMPLS", "attention", "resolve_impl", "decode_attention_reference", "tree_attention_reference"]
+__all__ = ["IMPLS", "attention", "kernel_supports", "resolve_impl", "decode_attention", "tree_attention",
+           "decode_attention_reference", "tree_attention_reference"]

@@ -12,10 +12,13 @@ cache is read once whatever T is (FlashDecoding++'s flat GEMM). The prefix is sp
 chunks sized by the live length (not the cache capacity), each program writing a float32 partial; a
 tiny masked T x T block over the tree slots is done in plain JAX, and everything is merged at the end.
 
-Unified max (FlashDecoding++): with `unified_max=phi` every partial accumulates exp(s - phi) instead of
-keeping a running max, so no in-loop rescale and the merge is a plain sum. If any row's true maximum
-score lies more than UNIFIED_MAX_MARGIN from phi (overflow or underflow risk) the result is recomputed
-with the exact online-softmax kernel and an exact log-sum-exp merge; `unified_max=None` always uses it.
+Unified max (FlashDecoding++): with `unified_max=phi` every partial accumulates exp(s - phi) against one
+fixed reference instead of its own running maximum, so partials from different splits (and the tree
+block) add up with no rescale. A row whose running maximum leaves [phi - M, phi + M] (M =
+UNIFIED_MAX_MARGIN, where exp would overflow or underflow) falls back, inside the kernel, to the exact
+scheme: its reference becomes its running maximum and what it accumulated is rescaled once. Each partial
+reports the reference it used, so one merge serves both: partial i is scaled by exp(r_i - max r), which is
+exactly 1 everywhere in the common case. `unified_max=None` is the exact online softmax throughout.
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int, num_splits: int,
+def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, r_ref, l_ref, *, block_k: int, num_splits: int,
                    sm_scale: float, phi: float | None):
-    """One (sequence, KV head, row tile, split): partial attention of block_m rows over its prefix chunk."""
+    """One (sequence, KV head, row tile, split): partial attention of block_m rows over its prefix chunk.
+
+    Writes acc = sum_j exp(s_j - r) v_j, l = sum_j exp(s_j - r) and the reference r used per row.
+    """
     split = pl.program_id(3)
     length = len_ref[()]
     chunk = pl.cdiv(pl.cdiv(length, num_splits), block_k) * block_k
@@ -50,31 +56,31 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
     cols = jnp.arange(block_k, dtype=jnp.int32)
 
     def body(i, carry):
-        acc, m, l = carry
+        acc, r, mx, l = carry
         off = start + i * block_k
         valid = off + cols < end
         k = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
         v = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
         s = jnp.where(valid[None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        if phi is None:  # exact online softmax: rescale what was accumulated
-            alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[:, None])
-            l = l * alpha + jnp.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-        else:  # unified max: one fixed reference, nothing to rescale
-            p = jnp.exp(s - phi)
-            l = l + jnp.sum(p, axis=1)
-        acc = acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, l
+        mx = jnp.maximum(mx, jnp.max(s, axis=1))  # running max of the true scores
+        if phi is None:  # exact online softmax: the reference is the running max
+            r_new = mx
+        else:  # unified max: keep the fixed reference while the running max stays near it
+            r_new = jnp.where(jnp.abs(mx - r) > UNIFIED_MAX_MARGIN, mx, r)
+        alpha = jnp.exp(r - r_new)  # 1 wherever the reference did not move
+        p = jnp.exp(s - r_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, r_new, mx, l
 
-    init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), _NEG, jnp.float32),
+    r0 = jnp.full((block_m,), _NEG if phi is None else phi, jnp.float32)
+    init = (jnp.zeros((block_m, d), jnp.float32), r0, jnp.full((block_m,), _NEG, jnp.float32),
             jnp.zeros((block_m,), jnp.float32))
     n_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
-    acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    acc, r, _, l = lax.fori_loop(0, n_blocks, body, init)
     o_ref[...] = acc
-    m_ref[...] = m
+    r_ref[...] = r
     l_ref[...] = l
 
 
@@ -82,7 +88,7 @@ def _prefix_partials(q4, k, v, lengths, *, sm_scale, phi, block_m, block_k, num_
                      interpret):
     """q4 [B, KVH, Mp, D] over cache k/v [B, S, KVH, D] slots [0, lengths).
 
-    Returns float32 partials o [B, KVH, splits, Mp, D], m, l [B, KVH, splits, Mp].
+    Returns float32 partials o [B, KVH, splits, Mp, D], r (reference), l [B, KVH, splits, Mp].
     """
     b, kvh, mp, d = q4.shape
     s = k.shape[1]
@@ -117,32 +123,28 @@ def _prefix_partials(q4, k, v, lengths, *, sm_scale, phi, block_m, block_k, num_
 def _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi):
     """The T x T tree part in plain JAX: q5 [B, KVH, T, G, D] over tree slots [lengths, lengths + T).
 
-    Returns o [B, KVH, T, G, D], m, l [B, KVH, T, G] (float32), with the same convention as the kernel.
+    Returns o [B, KVH, T, G, D], r, l [B, KVH, T, G] (float32), with the kernel's reference convention.
     """
     t = q5.shape[2]
     slots = (lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :])[:, :, None, None]
     kt = jnp.take_along_axis(k, slots, axis=1, mode="clip")  # [B, T, KVH, D]
     vt = jnp.take_along_axis(v, slots, axis=1, mode="clip")
     s = jnp.einsum("bktgd,bukd->bktgu", q5, kt, preferred_element_type=jnp.float32) * sm_scale
-    mask = tree_mask[None, None, :, None, :]
-    s = jnp.where(mask, s, -jnp.inf)
-    m = jnp.maximum(jnp.max(s, axis=-1), _NEG)
-    p = jnp.exp(s - (m[..., None] if phi is None else phi))
+    s = jnp.where(tree_mask[None, None, :, None, :], s, -jnp.inf)
+    mx = jnp.maximum(jnp.max(s, axis=-1), _NEG)
+    r = mx if phi is None else jnp.where(jnp.abs(mx - phi) > UNIFIED_MAX_MARGIN, mx, phi)
+    p = jnp.exp(s - r[..., None])
     o = jnp.einsum("bktgu,bukd->bktgd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
-    return o, m, jnp.sum(p, axis=-1)
+    return o, r, jnp.sum(p, axis=-1)
 
 
-def _merge(parts, exact: bool):
-    """Merges (o, m, l) partials that share a row layout; parts[i] o [..., D], m/l [...]."""
-    if exact:
-        big_m = functools.reduce(jnp.maximum, [m for _, m, _ in parts])
-        scales = [jnp.exp(m - big_m) for _, m, _ in parts]
-    else:
-        big_m = functools.reduce(jnp.maximum, [m for _, m, _ in parts])
-        scales = [None] * len(parts)
-    o = sum(po if sc is None else po * sc[..., None] for (po, _, _), sc in zip(parts, scales))
-    l = sum(pl_ if sc is None else pl_ * sc for (_, _, pl_), sc in zip(parts, scales))
-    return o / jnp.where(l > 0, l, 1.0)[..., None], big_m
+def _merge(o, r, l):
+    """Merges partials stacked on axis 2: o [B, KVH, P, ..., D], r/l [B, KVH, P, ...], each relative to
+    its own reference r. With a shared unified max every scale is exactly 1: the merge is a plain sum."""
+    scale = jnp.exp(r - jnp.max(r, axis=2, keepdims=True))
+    num = jnp.sum(o * scale[..., None], axis=2)
+    den = jnp.sum(l * scale, axis=2)
+    return num / jnp.where(den > 0, den, 1.0)[..., None]
 
 
 def _check_tuning(d: int, block_m: int, block_k: int, num_splits: int) -> None:
@@ -175,24 +177,19 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     q4 = jnp.pad(q5.reshape(b, kvh, rows, d), ((0, 0), (0, 0), (0, mp - rows), (0, 0)))
 
-    def run(phi):
-        o, m, l = _prefix_partials(q4, k, v, lengths, sm_scale=sm_scale, phi=phi, block_m=block_m, block_k=block_k,
-                                   num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                                   interpret=interpret)
-        o = o[:, :, :, :rows].reshape(b, kvh, num_splits, t, g, d)
-        m = m[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
-        l = l[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
-        parts = [(o[:, :, i], m[:, :, i], l[:, :, i]) for i in range(num_splits)]
-        if tree_mask is not None:
-            parts.append(_tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi))
-        return _merge(parts, exact=phi is None)
-
-    if unified_max is None:
-        return run(None)[0]
-    out, big_m = run(float(unified_max))
-    live = big_m > _NEG / 2  # rows that saw at least one slot
-    ok = jnp.all(~live | (jnp.abs(big_m - unified_max) <= UNIFIED_MAX_MARGIN))
-    return lax.cond(ok, lambda: out, lambda: run(None)[0])
+    phi = None if unified_max is None else float(unified_max)
+    o, r, l = _prefix_partials(q4, k, v, lengths, sm_scale=sm_scale, phi=phi, block_m=block_m, block_k=block_k,
+                               num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                               interpret=interpret)
+    o = o[:, :, :, :rows].reshape(b, kvh, num_splits, t, g, d)
+    r = r[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
+    l = l[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
+    if tree_mask is not None:
+        to, tr, tl = _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi)
+        o = jnp.concatenate([o, to[:, :, None]], axis=2)
+        r = jnp.concatenate([r, tr[:, :, None]], axis=2)
+        l = jnp.concatenate([l, tl[:, :, None]], axis=2)
+    return _merge(o, r, l)
 
 
 _STATIC = ("sm_scale", "unified_max", "block_m", "block_k", "num_splits", "num_warps", "num_stages", "interpret")

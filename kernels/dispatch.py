@@ -1,7 +1,13 @@
 """The one attention entry point the model calls; it picks the implementation.
 
-Implementations: "reference" (pure JAX, any backend). The Pallas kernels plug in here, so the model
-never changes when they do. Choose with `impl=` or the JAXMEDUSA_ATTENTION environment variable.
+Implementations:
+  "reference"  pure JAX (XLA), any backend; the ground truth.
+  "pallas"     the Pallas kernels (kernels/attention_pallas.py), compiled for the GPU.
+  "interpret"  the same Pallas kernels in interpret mode (CPU); slow, for tests.
+  "auto"       "pallas" on GPU, "reference" elsewhere (the default).
+Choose with `impl=` (the model's `attn_impl`) or the JAXMEDUSA_ATTENTION environment variable.
+Prompt prefill (many tokens over an empty cache) always uses the reference: it is one causal block,
+not cache-bound decoding.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-from . import reference
+from . import attention_pallas, reference
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
 
 
@@ -23,8 +29,13 @@ def resolve_impl(impl: str | None = None) -> str:
     if choice not in IMPLS:
         raise ValueError(f"attention impl {choice!r} ({ENV_VAR} or impl=) is not one of {', '.join(IMPLS)}")
     if choice == "auto":
-        return "reference"
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
     return choice
+
+
+def kernel_supports(head_dim: int) -> bool:
+    """Whether the Pallas kernels take this head size (a power of two >= 16)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree_mask: jax.Array, *,
@@ -35,11 +46,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
     mask for a prompt chunk, ancestors + self for a Medusa tree). `prefill=True` promises the cache was
     empty (lengths == 0), so only the first T slots are read.
     """
-    resolve_impl(impl)
+    chosen = resolve_impl(impl)
     t = q.shape[1]
     if prefill:
         zeros = jnp.zeros_like(lengths)
         return reference.tree_attention_reference(q, k[:, :t], v[:, :t], zeros, tree_mask, sm_scale=sm_scale)
+    if chosen in ("pallas", "interpret") and not kernel_supports(q.shape[-1]):
+        if impl or os.environ.get(ENV_VAR):
+            raise ValueError(f"attention impl {chosen!r} needs head_dim a power of two >= 16, got {q.shape[-1]}")
+        chosen = "reference"
+    if chosen == "reference":
+        if t == 1:
+            return reference.decode_attention_reference(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale)[:, None]
+        return reference.tree_attention_reference(q, k, v, lengths, tree_mask, sm_scale=sm_scale)
+    interpret = chosen == "interpret"
     if t == 1:
-        return reference.decode_attention_reference(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale)[:, None]
-    return reference.tree_attention_reference(q, k, v, lengths, tree_mask, sm_scale=sm_scale)
+        return attention_pallas.decode_attention(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale,
+                                                 interpret=interpret)[:, None]
+    return attention_pallas.tree_attention(q, k, v, lengths, tree_mask, sm_scale=sm_scale, interpret=interpret)

@@ -1,0 +1,157 @@
+"""Pallas kernels in interpret mode against the pure-JAX references: fresh random inputs every time."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmedusa.kernels import (attention, decode_attention, decode_attention_reference, tree_attention,
+                               tree_attention_reference)
+
+TREES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "trees",
+                     "medusa_trees.json")
+
+
+def ancestor_mask(paths: list[list[int]]) -> np.ndarray:
+    """Ancestor-or-self mask [T, T] for a published tree (root first, nodes sorted by (depth, path))."""
+    nodes = [()] + sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(nodes)}
+    mask = np.zeros((len(nodes), len(nodes)), bool)
+    for p, i in index.items():
+        for j in range(len(p) + 1):
+            mask[i, index[p[:j]]] = True
+    return mask
+
+
+def published_tree_mask(name: str = "mc_sim_7b_63") -> np.ndarray:
+    with open(TREES) as f:
+        return ancestor_mask(json.load(f)["trees"][name])
+
+
+def random_inputs(rng, b, s, h, kvh, d, dtype, t=None, garbage_from=None):
+    shape_q = (b, h, d) if t is None else (b, t, h, d)
+    q = rng.standard_normal(shape_q).astype(np.float32)
+    k = rng.standard_normal((b, s, kvh, d)).astype(np.float32)
+    v = rng.standard_normal((b, s, kvh, d)).astype(np.float32)
+    if garbage_from is not None:  # what lies beyond the visible slots must not matter
+        for i, n in enumerate(garbage_from):
+            k[i, n:] = np.nan
+            v[i, n:] = 1e30
+    return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("b, s, h, kvh, d, dtype", [
+    (3, 200, 8, 8, 64, jnp.float32),    # MHA
+    (3, 200, 8, 2, 128, jnp.float32),   # GQA 4
+    (2, 333, 16, 2, 64, jnp.float32),   # GQA 8, odd capacity
+    (3, 256, 8, 2, 64, jnp.bfloat16),
+])
+@pytest.mark.parametrize("unified_max", [0.0, None])
+def test_decode_attention_matches_reference(b, s, h, kvh, d, dtype, unified_max):
+    rng = np.random.default_rng()
+    lengths = np.concatenate([[1, s], rng.integers(1, s + 1, size=b)])[:b].astype(np.int32)
+    q, k, v = random_inputs(rng, b, s, h, kvh, d, dtype, garbage_from=lengths)
+    lengths = jnp.asarray(lengths)
+    out = decode_attention(q, k, v, lengths, unified_max=unified_max, block_k=32, interpret=True)
+    ref = decode_attention_reference(q, k, v, lengths)
+    assert out.shape == (b, h, d) and out.dtype == dtype
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert rel_err(out, ref) < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("t, kvh, d", [(1, 2, 64), (5, 4, 64), (64, 2, 128)])
+@pytest.mark.parametrize("unified_max", [0.0, None])
+def test_tree_attention_matches_reference(t, kvh, d, unified_max):
+    rng = np.random.default_rng()
+    b, s, h = 3, 160, 8
+    if t == 64:
+        mask = published_tree_mask()
+    else:
+        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, t)]
+        mask = np.eye(t, dtype=bool)
+        for i in range(1, t):
+            mask[i] |= mask[parents[i]]
+    lengths = np.array([0, 1, s - t], np.int32)
+    q, k, v = random_inputs(rng, b, s, h, kvh, d, jnp.float32, t=t, garbage_from=lengths + t)
+    lengths, mask = jnp.asarray(lengths), jnp.asarray(mask)
+    out = tree_attention(q, k, v, lengths, mask, unified_max=unified_max, block_k=32, interpret=True)
+    ref = tree_attention_reference(q, k, v, lengths, mask)
+    assert np.isfinite(np.asarray(out)).all()
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_unified_max_falls_back_exactly_when_scores_leave_its_range():
+    rng = np.random.default_rng()
+    b, s, h, kvh, d = 2, 128, 4, 2, 64
+    q, k, v = random_inputs(rng, b, s, h, kvh, d, jnp.float32)
+    lengths = jnp.array([97, 128], jnp.int32)
+    for sign in (1.0, -1.0):  # scores near +80, then near -80: beyond the margin of the unified max 0
+        qs = q.at[:, :, 0].set(25.3)
+        ks = k.at[:, :, :, 0].set(sign * 25.3)
+        ref = decode_attention_reference(qs, ks, v, lengths)
+        unified = decode_attention(qs, ks, v, lengths, unified_max=0.0, block_k=32, interpret=True)
+        exact = decode_attention(qs, ks, v, lengths, unified_max=None, block_k=32, interpret=True)
+        assert np.isfinite(np.asarray(unified)).all()
+        # the fallback is the exact scheme: same result as the exact kernel
+        assert rel_err(unified, exact) < 1e-6
+        # scores of magnitude ~80 carry ~1e-5 relative fp32 rounding in any implementation, the reference too
+        assert rel_err(exact, ref) < 1e-4
+
+
+def test_split_count_and_block_sizes_do_not_change_the_result():
+    rng = np.random.default_rng()
+    q, k, v = random_inputs(rng, 2, 300, 8, 2, 64, jnp.float32)
+    lengths = jnp.array([300, 45], jnp.int32)
+    ref = decode_attention_reference(q, k, v, lengths)
+    for splits, block_k in ((1, 16), (3, 32), (7, 64)):
+        out = decode_attention(q, k, v, lengths, num_splits=splits, block_k=block_k, interpret=True)
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_bad_tuning_is_rejected():
+    q, k, v = random_inputs(np.random.default_rng(), 1, 64, 4, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        decode_attention(q, k, v, jnp.array([10]), block_k=48, interpret=True)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        q2, k2, v2 = random_inputs(np.random.default_rng(), 1, 64, 4, 2, 48, jnp.float32)
+        decode_attention(q2, k2, v2, jnp.array([10]), interpret=True)
+
+
+def test_dispatcher_routes_and_validates(monkeypatch):
+    rng = np.random.default_rng()
+    q, k, v = random_inputs(rng, 2, 64, 4, 2, 64, jnp.float32, t=1)
+    lengths = jnp.array([10, 40], jnp.int32)
+    one = jnp.ones((1, 1), bool)
+    ref = attention(q, k, v, lengths, one, impl="reference")
+    np.testing.assert_allclose(attention(q, k, v, lengths, one, impl="interpret"), ref, atol=1e-5)
+    monkeypatch.setenv("JAXMEDUSA_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="'bogus'"):
+        attention(q, k, v, lengths, one)
+
+
+def test_model_logits_with_kernels_equal_reference_path():
+    from conftest import random_lm
+    from jaxmedusa.cache import KVCache
+
+    lm = random_lm(seed=31, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # head_dim 32
+    ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 12)), jnp.int32)
+    mask = jnp.asarray(published_tree_mask()[:6, :6])
+    outs = {}
+    for impl in ("reference", "interpret"):
+        cache = KVCache.create(lm.config, 2, 32)
+        h, cache = lm(ids, jnp.broadcast_to(jnp.arange(12), (2, 12)), cache, jnp.tril(jnp.ones((12, 12), bool)),
+                      prefill=True, attn_impl=impl)
+        cache = cache._replace(lengths=jnp.array([12, 7], jnp.int32))
+        h1, cache = lm(ids[:, :1], cache.lengths[:, None], cache, jnp.ones((1, 1), bool), attn_impl=impl)
+        depth = jnp.asarray(mask.sum(1) - 1)
+        h6, _ = lm(ids[:, :6], cache.lengths[:, None] + depth[None], cache, mask, attn_impl=impl)
+        outs[impl] = (np.asarray(lm.logits(h1)), np.asarray(lm.logits(h6)))
+    for a, b in zip(outs["reference"], outs["interpret"]):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
