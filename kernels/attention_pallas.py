@@ -170,8 +170,10 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     b, kvh, t, g, d = q5.shape
     rows = t * g
     block_m = block_m or min(128, max(16, pl.next_power_of_2(rows)))
-    block_k = block_k or (64 if rows > 64 else 128)
+    block_k = block_k or 128
     mp = pl.cdiv(rows, block_m) * block_m
+    # bench/tune_tree.py on an H100: 8 warps pay off only for the largest tile
+    num_warps = num_warps or (8 if block_m >= 128 and block_k >= 128 else 4)
     num_splits = num_splits or default_num_splits(b, kvh, mp // block_m, k.shape[1], block_k)
     _check_tuning(d, block_m, block_k, num_splits)
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
@@ -198,7 +200,7 @@ _STATIC = ("sm_scale", "unified_max", "block_m", "block_k", "num_splits", "num_w
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, sm_scale: float | None = None,
                      unified_max: float | None = 0.0, block_m: int | None = None, block_k: int | None = None,
-                     num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      interpret: bool = False) -> jax.Array:
     """q [B, H, D] over k/v [B, S, KVH, D] slots [0, lengths) -> [B, H, D]; GQA by grouping heads per KV head."""
     b, h, d = q.shape
@@ -213,7 +215,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree_mask: jax.Array, *,
                    sm_scale: float | None = None, unified_max: float | None = 0.0, block_m: int | None = None,
-                   block_k: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+                   block_k: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
                    num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """q [B, T, H, D] for T tree tokens whose K/V sit at slots [lengths, lengths + T): each sees the prefix
     [0, lengths) and the tree slots tree_mask [T, T] allows -> [B, T, H, D]."""
