@@ -4,10 +4,14 @@ from .cache import KVCache
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
 from .generate import GenerationResult, generate
+from .heads import MedusaHeads
+from .heads_io import load_heads, save_heads
 from .loading import Model, load, save
+from .tree import TreeError, build_tree, cartesian_tree, chain_tree, published_trees
 from .model import LlamaForCausalLM
 
 __version__ = "0.1.0"
 
 __all__ = ["KVCache", "CheckpointError", "ConfigError", "ModelConfig", "GenerationResult", "generate", "Model",
-           "load", "save", "LlamaForCausalLM", "__version__"]
+           "load", "save", "MedusaHeads", "load_heads", "save_heads", "TreeError", "build_tree",
+           "cartesian_tree", "chain_tree", "published_trees", "LlamaForCausalLM", "__version__"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+import numpy as np
 
 
 class CLIError(Exception):
@@ -23,6 +26,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-len", type=int, default=2048, help="KV cache slots per sequence")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids")
+    p.add_argument("--heads", default=None, help="Medusa heads-only directory (official format)")
+    p.add_argument("--no-medusa", action="store_true", help="vanilla decoding even when heads are loaded")
+    p.add_argument("--tree", default=None, help="published tree name, chain-N, or a JSON file of paths")
+    p.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
+    p.add_argument("--top-k", type=int, default=10, help="candidates per head")
+    p.add_argument("--compare", action="store_true",
+                   help="also run vanilla decoding and print both speeds, the speedup and mean accepted length")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, texts, stats)")
     p.set_defaults(func=cmd_generate)
 
@@ -37,22 +47,131 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args) -> int:
     import jaxmedusa
 
-    model = jaxmedusa.load(args.model, dtype=args.dtype, max_len=args.max_len)
     prompts = [_parse_ids(p) for p in args.prompts] if args.ids else list(args.prompts)
+    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len)
     if not args.ids and model.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer; pass token ids with --ids")
-    result = jaxmedusa.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
+    use_medusa = model.heads is not None and not args.no_medusa
+    if args.compare and not use_medusa:
+        raise CLIError("--compare needs Medusa heads (--heads DIR or a Medusa-2 model directory)")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    mkw = dict(kw, medusa=use_medusa, tree=args.tree, acceptance=args.acceptance, top_k=args.top_k)
+    result = jaxmedusa.generate(model, prompts, **mkw)
+    vanilla = None
+    if args.compare:  # second runs: compiled already, so both timings are steady state
+        result = jaxmedusa.generate(model, prompts, **mkw)
+        jaxmedusa.generate(model, prompts, medusa=False, **kw)
+        vanilla = jaxmedusa.generate(model, prompts, medusa=False, **kw)
     if args.json:
-        print(json.dumps({"tokens": result.tokens, "texts": result.texts, "stats": result.stats}))
+        payload = {"tokens": result.tokens, "texts": result.texts, "stats": result.stats}
+        if vanilla is not None:
+            payload["vanilla"] = {"tokens": vanilla.tokens, "stats": vanilla.stats}
+        print(json.dumps(payload))
         return 0
     for i, toks in enumerate(result.tokens):
         body = result.texts[i] if result.texts is not None else " ".join(map(str, toks))
         prefix = "" if args.ids else args.prompts[i]
         print(prefix + body)
     s = result.stats
-    print(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {s['tokens_per_second']:.1f} tokens/s, "
+    kind = f"medusa {s['acceptance']}" if s["medusa"] else "vanilla"
+    print(f"[{kind}: {s['new_tokens']} tokens in {s['seconds']:.2f}s, {s['tokens_per_second']:.1f} tokens/s, "
           f"{s['tokens_per_step']:.2f} tokens/step, compile {s['compile_seconds']:.1f}s]", file=sys.stderr)
+    if vanilla is not None:
+        v = vanilla.stats
+        same = "identical" if vanilla.tokens == result.tokens else "different"
+        print(f"[vanilla: {v['tokens_per_second']:.1f} tokens/s; medusa {s['tokens_per_second']:.1f} tokens/s; "
+              f"speedup {s['tokens_per_second'] / v['tokens_per_second']:.2f}x; mean accepted "
+              f"{s['mean_accepted_tokens_per_step']:.2f} tokens/step; {same} tokens]", file=sys.stderr)
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints between PyTorch formats and jaxmedusa")
+    csub = p.add_subparsers(dest="what", required=True)
+    h = csub.add_parser("heads", help="Medusa heads: official .pt/.safetensors (any key variant) -> official "
+                                      "safetensors layout (or .pt with --pt)")
+    h.add_argument("src")
+    h.add_argument("dst")
+    h.add_argument("--model", default=None, help="base model directory (for hidden/vocab sizes); default: "
+                                                  "read them from the heads")
+    h.add_argument("--pt", action="store_true", help="write medusa_lm_head.pt (torch) instead of safetensors")
+    h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    h.set_defaults(func=cmd_convert_heads)
+    m = csub.add_parser("model", help="HF model directory (.bin, sharded, Medusa-2) -> safetensors directory; "
+                                      "embedded Medusa heads go to --heads-out in the heads-only layout")
+    m.add_argument("src")
+    m.add_argument("dst")
+    m.add_argument("--heads", default=None, help="heads-only directory to convert alongside")
+    m.add_argument("--heads-out", default=None)
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    m.add_argument("--max-shard-mb", type=int, default=None)
+    m.set_defaults(func=cmd_convert_model)
+
+
+def _np_dtype(name):
+    if name is None:
+        return None
+    import jax.numpy as jnp
+
+    return jnp.dtype(name)
+
+
+def cmd_convert_heads(args) -> int:
+    import jax.numpy as jnp
+
+    from .heads_io import heads_from_state_dict, heads_state_dict, read_heads_tensors, save_heads
+
+    tensors, config = read_heads_tensors(args.src)
+    hidden, vocab = _heads_sizes(tensors, args.model)
+    layers = config.get("medusa_num_layers")
+    heads = heads_from_state_dict(tensors, hidden=hidden, vocab=vocab, dtype=jnp.float32,
+                                  num_layers=None if layers is None else int(layers), source=f"heads in {args.src}")
+    base = config.get("base_model_name_or_path")
+    save_heads(heads, args.dst, base_model=base, dtype=_np_dtype(args.dtype))
+    if args.pt:
+        import torch
+
+        os.remove(os.path.join(args.dst, "medusa_lm_head.safetensors"))
+        sd = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in heads_state_dict(heads).items()}
+        if args.dtype:
+            sd = {k: v.to(getattr(torch, args.dtype)) for k, v in sd.items()}
+        torch.save(sd, os.path.join(args.dst, "medusa_lm_head.pt"))
+    print(f"wrote {heads.num_heads} heads x {heads.num_layers} layers to {args.dst}")
+    return 0
+
+
+def _heads_sizes(tensors, model_dir):
+    if model_dir is not None:
+        from .config import ModelConfig
+
+        cfg = ModelConfig.from_json(model_dir)
+        return cfg.hidden_size, cfg.vocab_size
+    for key, arr in tensors.items():
+        if key.endswith(".linear.bias"):
+            hidden = arr.shape[0]
+            vocab = next((a.shape[0] for k, a in tensors.items() if k.endswith(".weight") and "linear" not in k),
+                         None)
+            if vocab is None:
+                raise CLIError("these heads reuse the base lm_head; pass --model to give the vocabulary size")
+            return hidden, vocab
+    raise CLIError("cannot tell the hidden size from these heads; pass --model")
+
+
+def cmd_convert_model(args) -> int:
+    import jaxmedusa
+
+    from .heads_io import save_heads
+
+    model = jaxmedusa.load(args.src, heads=args.heads, dtype=args.dtype or "float32", max_len=16)
+    shard = args.max_shard_mb * 2**20 if args.max_shard_mb else None
+    jaxmedusa.save(model, args.dst, max_shard_bytes=shard)
+    msg = f"wrote {args.dst}"
+    if model.heads is not None:
+        if not args.heads_out:
+            raise CLIError("the model has Medusa heads; pass --heads-out DIR to write them")
+        save_heads(model.heads, args.heads_out, base_model=args.dst)
+        msg += f" and {model.heads.num_heads} heads to {args.heads_out}"
+    print(msg)
     return 0
 
 
@@ -61,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_convert(sub)
     return parser
 
 

@@ -17,7 +17,9 @@ from flax import nnx
 from .cache import KVCache
 from .compile_cache import call_compiled
 from .loading import Model
+from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop
 from .sampling import choose_tokens
+from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, published_trees
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share a compilation
 
@@ -125,11 +127,19 @@ def decode_loop(state, cache: KVCache, hidden: jax.Array, key: jax.Array, eos_id
 
 
 def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, eos_token_id=None, attn_impl: str | None = None) -> GenerationResult:
+             seed: int = 0, eos_token_id=None, medusa: bool | None = None, tree=None, acceptance: str = "greedy",
+             top_k: int = DEFAULT_TOP_K, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+             attn_impl: str | None = None) -> GenerationResult:
     """Generates continuations for one prompt or a ragged batch (strings need the model's tokenizer).
 
     temperature 0 is greedy; otherwise sampling with temperature and top-p (nucleus). Each sequence
     stops at its own EOS (included in its tokens) or after max_new_tokens.
+
+    Medusa: `medusa=None` uses the heads when the model has them, True requires them, False is vanilla.
+    `tree` is a published tree's name, a JSON file or a list of paths (default mc_sim_7b_63, trimmed to
+    the heads' depth when it is deeper). `acceptance` is greedy (output == vanilla greedy), typical
+    (epsilon = posterior_threshold, delta = posterior_alpha) or rejection (lossless sampling). At
+    temperature 0 every rule is greedy.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -137,9 +147,16 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    use_medusa = model.heads is not None if medusa is None else bool(medusa)
+    if use_medusa and model.heads is None:
+        raise ValueError("medusa=True but the model has no Medusa heads; load them with load(..., heads=DIR)")
+    if acceptance not in ACCEPTANCES:
+        raise ValueError(f"acceptance {acceptance!r} is not one of {', '.join(ACCEPTANCES)}")
+    tree_buf = resolve_model_tree(model, tree, top_k) if use_medusa else None
     ids = encode_prompts(model, prompts)
     eos = resolve_eos(model, eos_token_id)
-    tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens)
+    reserve = max_new_tokens + (tree_buf.size if use_medusa else 0)
+    tokens, lens = pad_prompts(ids, model.max_len, reserve)
     graphdef, state = model.split()
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
@@ -148,12 +165,25 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
                                         dict(graphdef=graphdef, max_len=model.max_len, attn_impl=attn_impl))
     jax.block_until_ready(hidden)
     t1 = time.perf_counter()
-    args = (state, cache, hidden, jax.random.key(seed), eos_arr, jnp.float32(max(temperature, 1e-6)),
-            jnp.float32(top_p))
-    static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
-                  use_top_p=top_p < 1.0, attn_impl=attn_impl)
-    (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
-    out, counts, steps = jax.device_get((out, counts, steps))
+    medusa_stats = None
+    if use_medusa:
+        heads_graphdef, heads_state = model.split_heads()
+        params = AcceptanceParams(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                                  jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
+        args = (state, heads_state, cache, hidden, jax.random.key(seed), eos_arr, params)
+        static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=tree_buf,
+                      max_new_tokens=max_new_tokens, acceptance=acceptance if temperature > 0 else "greedy",
+                      use_top_p=top_p < 1.0, attn_impl=attn_impl)
+        (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static)
+        out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
+        steps = medusa_stats.steps
+    else:
+        args = (state, cache, hidden, jax.random.key(seed), eos_arr, jnp.float32(max(temperature, 1e-6)),
+                jnp.float32(top_p))
+        static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
+                      use_top_p=top_p < 1.0, attn_impl=attn_impl)
+        (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
+        out, counts, steps = jax.device_get((out, counts, steps))
     t2 = time.perf_counter()
     compile_seconds = c1 + c2
     run_seconds = t2 - t0 - compile_seconds
@@ -170,10 +200,37 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         "new_tokens": new_tokens,
         # vanilla decoding emits exactly one token per active sequence per step
         "tokens_per_step": 1.0 if new_tokens else 0.0,
+        "medusa": use_medusa,
         "prefill_seconds": t1 - t0 - c1,
         "decode_seconds": t2 - t1 - c2,
         "seconds": run_seconds,
         "compile_seconds": compile_seconds,
         "tokens_per_second": new_tokens / run_seconds if run_seconds > 0 else float("inf"),
     }
+    if medusa_stats is not None:
+        stats.update(medusa_summary(medusa_stats, counts, tree_buf))
+        stats["acceptance"] = static["acceptance"]
     return GenerationResult(tokens=new, texts=texts, stats=stats)
+
+
+def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:
+    """Builds the tree for the model's heads; the default tree is trimmed to the heads' depth."""
+    k = model.heads.num_heads
+    if tree is None:
+        paths = [p for p in published_trees()[DEFAULT_TREE] if len(p) <= k]
+        return build_tree(paths, num_heads=k, top_k=top_k)
+    return build_tree(tree, num_heads=k, top_k=top_k)
+
+
+def medusa_summary(st: LoopStats, counts: np.ndarray, tree: TreeBuffers) -> dict[str, Any]:
+    """Acceptance statistics: tokens per step (mean, histogram) and per-head acceptance rates."""
+    active = int(st.active_steps.sum())
+    hist = st.histogram[1:].tolist()  # steps that emitted 1, 2, ..., max_depth + 1 tokens
+    emitted = sum((i + 1) * h for i, h in enumerate(hist))
+    return {
+        "tree_nodes": tree.size,
+        "mean_accepted_tokens_per_step": emitted / active if active else 0.0,
+        "tokens_per_step": float(counts.sum() / active) if active else 0.0,
+        "accepted_histogram": hist,
+        "head_acceptance_rates": [int(x) / active if active else 0.0 for x in st.depth_accepted],
+    }

@@ -14,6 +14,7 @@ from flax import nnx
 
 from .checkpoint import export_params, read_params, save_tensors, weight_files
 from .config import ConfigError, ModelConfig
+from .heads_io import heads_from_state_dict, load_heads
 from .model import LlamaForCausalLM
 from .params import llama_param_table, optional_keys
 
@@ -29,11 +30,13 @@ class Model:
     tokenizer: Any = None
     eos_token_ids: tuple[int, ...] = ()
     path: str | None = None
+    heads: Any = None  # MedusaHeads, when the model has them
 
     def __post_init__(self) -> None:
         if self.max_len <= 0:
             raise ValueError(f"max_len must be positive, got {self.max_len}")
         self._split = None
+        self._heads_split = None
 
     @property
     def config(self) -> ModelConfig:
@@ -48,6 +51,12 @@ class Model:
         if self._split is None:
             self._split = nnx.split(self.lm)
         return self._split
+
+    def split_heads(self):
+        """(graphdef, state) of the Medusa heads, computed once per heads object."""
+        if self._heads_split is None or self._heads_split[0] is not self.heads:
+            self._heads_split = (self.heads, nnx.split(self.heads))
+        return self._heads_split[1]
 
 
 def default_dtype(checkpoint_dtype: str | None):
@@ -88,11 +97,14 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
-def load(path: str | os.PathLike, *, dtype=None, max_len: int = 2048) -> Model:
+def load(path: str | os.PathLike, *, heads: str | os.PathLike | None = None, dtype=None,
+         max_len: int = 2048) -> Model:
     """Loads a local HF Llama/Mistral model directory (config.json + safetensors or .bin weights).
 
+    heads: a Medusa heads-only directory (medusa_lm_head.safetensors/.pt + config.json). A full Medusa-2
+    directory (medusa_head.* tensors inside the model weights) brings its heads without this argument.
     dtype: parameter/compute dtype; None means float32 on CPU and the checkpoint's dtype elsewhere.
-    max_len: KV-cache slots per sequence (prompt + generated tokens).
+    max_len: KV-cache slots per sequence (prompt + generated tokens + one tree).
     """
     model_dir = os.fspath(path)
     if not os.path.isdir(model_dir):
@@ -104,10 +116,27 @@ def load(path: str | os.PathLike, *, dtype=None, max_len: int = 2048) -> Model:
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f)
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype(raw.get("torch_dtype") or raw.get("dtype"))
-    params = read_params(weight_files(model_dir), llama_param_table(cfg), dtype, optional=optional_keys(cfg))
+    embedded: dict[str, np.ndarray] = {}
+
+    def claim(key: str, arr) -> bool:  # Medusa-2 checkpoints keep their heads beside the model weights
+        if key.startswith("medusa_head."):
+            embedded[key[len("medusa_head."):]] = np.asarray(arr)
+            return True
+        return False
+
+    params = read_params(weight_files(model_dir), llama_param_table(cfg), dtype, optional=optional_keys(cfg),
+                         claim=claim)
     lm = build_model(cfg, params, dtype)
+    medusa_heads = None
+    if heads is not None:
+        medusa_heads = load_heads(os.fspath(heads), hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=dtype)
+    elif embedded:
+        layers = raw.get("medusa_num_layers")
+        medusa_heads = heads_from_state_dict(embedded, hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=dtype,
+                                             num_layers=None if layers is None else int(layers),
+                                             source=f"medusa_head.* tensors of {model_dir}")
     return Model(lm=lm, max_len=max_len, tokenizer=load_tokenizer(model_dir),
-                 eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir)
+                 eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads)
 
 
 def save(model: Model | LlamaForCausalLM, path: str | os.PathLike, *, dtype=None,

@@ -90,3 +90,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "torch" in item.keywords:
                 item.add_marker(skip)
+
+
+def random_heads(lm, num_heads: int = 4, num_layers: int = 1, seed: int = 0, std: float = 0.2,
+                 shared_lm_head: bool = False):
+    """Random Medusa heads for `lm` (weights perturbed away from the zero/identity init)."""
+    from jaxmedusa.heads import MedusaHeads
+
+    heads = MedusaHeads.for_model(lm, num_heads, num_layers, shared_lm_head=shared_lm_head, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(heads)
+    keys = iter(jax.random.split(jax.random.key(seed + 100), len(jax.tree_util.tree_leaves(state))))
+    state = jax.tree_util.tree_map(lambda x: x + std * jax.random.normal(next(keys), x.shape, x.dtype), state)
+    return nnx.merge(graphdef, state)

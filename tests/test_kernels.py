@@ -10,8 +10,7 @@ import pytest
 from jaxmedusa.kernels import (attention, decode_attention, decode_attention_reference, tree_attention,
                                tree_attention_reference)
 
-TREES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "trees",
-                     "medusa_trees.json")
+from jaxmedusa.tree import TREES_FILE as TREES
 
 
 def ancestor_mask(paths: list[list[int]]) -> np.ndarray:

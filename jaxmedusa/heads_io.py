@@ -1,0 +1,131 @@
+"""Medusa heads in the official PyTorch formats (FasterDecoding/Medusa), both directions.
+
+Heads-only checkpoint: config.json (`medusa_num_heads`, `medusa_num_layers`, `base_model_name_or_path`)
+plus medusa_lm_head.safetensors or medusa_lm_head.pt with keys `{i}.{j}.linear.weight [H, H]`,
+`{i}.{j}.linear.bias [H]` for layers j < L and `{i}.{L}.weight [V, H]`; "version 2" files drop the last
+and reuse the base lm_head. Released configs under-report the head count, so the weights decide. Files
+written by the reference code, which repeats one block object L times, carry only layer 0's keys: those
+are accepted and copied into every layer. Full Medusa-2 model directories carry the same tensors inside
+the model weights as `medusa_head.{i}...`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .checkpoint import CheckpointError, iter_bin
+from .heads import MedusaHeads
+from .safetensors_io import iter_safetensors, save_safetensors
+
+HEADS_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt", "medusa_lm_head.bin")
+_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def read_heads_tensors(heads_dir: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(state dict with official keys, config.json contents) from a heads-only directory."""
+    if not os.path.isdir(heads_dir):
+        raise FileNotFoundError(f"heads directory {heads_dir!r} does not exist")
+    cfg_path = os.path.join(heads_dir, "config.json")
+    config = {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            config = json.load(f)
+    for name in HEADS_FILES:
+        path = os.path.join(heads_dir, name)
+        if os.path.isfile(path):
+            it = iter_safetensors(path) if name.endswith(".safetensors") else iter_bin(path)
+            return {k: np.asarray(v) for k, v in it}, config
+    raise CheckpointError(f"no Medusa heads in {heads_dir}: expected one of {', '.join(HEADS_FILES)}")
+
+
+def heads_from_state_dict(tensors: dict[str, np.ndarray], *, hidden: int, vocab: int, dtype,
+                          num_layers: int | None = None, source: str = "heads file") -> MedusaHeads:
+    """Builds MedusaHeads from official keys, checking every key and shape (errors name them)."""
+    parsed: dict[tuple[int, int, str], np.ndarray] = {}
+    for key, arr in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise CheckpointError(f"unexpected key {key!r} in the {source}; expected '{{head}}.{{layer}}.linear."
+                                  "weight|bias' or '{head}.{layers}.weight'")
+        parsed[(int(m.group(1)), int(m.group(2)), m.group(3))] = arr
+    if not parsed:
+        raise CheckpointError(f"the {source} holds no tensors")
+    num_heads = max(i for i, _, _ in parsed) + 1
+    proj_idx = {j for _, j, kind in parsed if kind == "weight"}
+    if len(proj_idx) > 1:
+        raise CheckpointError(f"heads in the {source} disagree on their layer count (projections at {sorted(proj_idx)})")
+    if proj_idx:
+        layers = proj_idx.pop()
+        if num_layers is not None and num_layers != layers:
+            raise CheckpointError(f"config says medusa_num_layers={num_layers} but the {source} has {layers}")
+    else:
+        linear_idx = {j for _, j, kind in parsed if kind != "weight"}
+        layers = num_layers if num_layers is not None else (max(linear_idx) + 1 if linear_idx else 0)
+    shared = not any(kind == "weight" for _, _, kind in parsed)
+    heads = nnx.eval_shape(lambda: MedusaHeads(hidden, vocab, num_heads, layers, shared_lm_head=shared,
+                                               dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(heads)
+    flat = nnx.to_flat_state(state)
+    values = {}
+    for i in range(num_heads):
+        for j in range(layers):
+            for kind, shape in (("linear.weight", (hidden, hidden)), ("linear.bias", (hidden,))):
+                arr = parsed.get((i, j, kind))
+                if arr is None and (i, 0, kind) in parsed and not any((i, jj, kind) in parsed
+                                                                      for jj in range(1, layers)):
+                    arr = parsed[(i, 0, kind)]  # the reference code's aliased block: one set of weights
+                if arr is None:
+                    raise CheckpointError(f"missing key '{i}.{j}.{kind}' in the {source}")
+                if tuple(arr.shape) != shape:
+                    raise CheckpointError(f"key '{i}.{j}.{kind}': expected shape {shape}, found {tuple(arr.shape)}")
+                leaf = "kernel" if kind.endswith("weight") else "bias"
+                values[("heads", i, "blocks", j, "linear", leaf)] = arr.T if leaf == "kernel" else arr
+        if not shared:
+            arr = parsed.get((i, layers, "weight"))
+            if arr is None:
+                raise CheckpointError(f"missing key '{i}.{layers}.weight' in the {source}")
+            if tuple(arr.shape) != (vocab, hidden):
+                raise CheckpointError(f"key '{i}.{layers}.weight': expected shape {(vocab, hidden)}, "
+                                      f"found {tuple(arr.shape)}")
+            values[("heads", i, "proj", "kernel")] = arr.T
+    for path, var in flat:
+        var.set_value(jnp.asarray(np.asarray(values[path]).astype(dtype)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def heads_state_dict(heads: MedusaHeads) -> dict[str, np.ndarray]:
+    """MedusaHeads -> official keys ([out, in] weights), every layer written out."""
+    out = {}
+    for i, head in enumerate(heads.heads):
+        for j, block in enumerate(head.blocks):
+            out[f"{i}.{j}.linear.weight"] = np.ascontiguousarray(np.asarray(block.linear.kernel[...]).T)
+            out[f"{i}.{j}.linear.bias"] = np.asarray(block.linear.bias[...])
+        if head.proj is not None:
+            out[f"{i}.{heads.num_layers}.weight"] = np.ascontiguousarray(np.asarray(head.proj.kernel[...]).T)
+    return out
+
+
+def load_heads(heads_dir: str, *, hidden: int, vocab: int, dtype) -> MedusaHeads:
+    tensors, config = read_heads_tensors(heads_dir)
+    layers = config.get("medusa_num_layers")
+    return heads_from_state_dict(tensors, hidden=hidden, vocab=vocab, dtype=dtype,
+                                 num_layers=None if layers is None else int(layers), source=f"heads file in {heads_dir}")
+
+
+def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = None, dtype=None) -> None:
+    """Writes the official heads-only layout: medusa_lm_head.safetensors + config.json."""
+    os.makedirs(heads_dir, exist_ok=True)
+    tensors = heads_state_dict(heads)
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    save_safetensors(os.path.join(heads_dir, "medusa_lm_head.safetensors"), tensors, {"format": "pt"})
+    config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.num_layers,
+              "base_model_name_or_path": base_model or "", "hidden_size": heads.hidden, "vocab_size": heads.vocab}
+    with open(os.path.join(heads_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)

@@ -1,0 +1,173 @@
+"""Medusa decoding: greedy output equals vanilla greedy for any heads and tree; acceptance rules; trees."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import jaxmedusa
+from jaxmedusa.tree import TreeError, build_tree, cartesian_tree, chain_tree, published_trees
+
+from conftest import random_heads, random_lm
+
+
+@pytest.fixture(scope="module")
+def model():
+    lm = random_lm(seed=41)
+    return jaxmedusa.Model(lm, max_len=256, heads=random_heads(lm, 5, 1, seed=41))
+
+
+def prompts_of(rng, lengths):
+    return [rng.integers(3, 97, size=n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "vicuna_7b_stage2", "zephyr_stage2"])
+def test_greedy_medusa_equals_vanilla_published_trees(model, tree):
+    prompts = prompts_of(np.random.default_rng(1), (1, 17, 60))
+    vanilla = jaxmedusa.generate(model, prompts, max_new_tokens=30, medusa=False, eos_token_id=[])
+    medusa = jaxmedusa.generate(model, prompts, max_new_tokens=30, tree=tree, eos_token_id=[])
+    assert medusa.stats["medusa"] and not vanilla.stats["medusa"]
+    assert medusa.tokens == vanilla.tokens
+    assert all(len(t) == 30 for t in medusa.tokens)
+
+
+@st.composite
+def random_tree(draw):
+    depth = draw(st.integers(1, 4))
+    paths = set()
+    for _ in range(draw(st.integers(1, 12))):
+        n = draw(st.integers(1, depth))
+        paths.add(tuple(draw(st.integers(0, 3)) for _ in range(n)))
+    closed = {p[:i] for p in paths for i in range(1, len(p) + 1)}
+    return [list(p) for p in sorted(closed)]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=random_tree(), seed=st.integers(0, 1000))
+def test_greedy_medusa_equals_vanilla_random_trees_and_heads(tree, seed):
+    lm = random_lm(seed=43)
+    model = jaxmedusa.Model(lm, max_len=160, heads=random_heads(lm, 4, 2, seed=seed))
+    prompts = prompts_of(np.random.default_rng(seed), (3, 29))
+    vanilla = jaxmedusa.generate(model, prompts, max_new_tokens=20, medusa=False, eos_token_id=[])
+    medusa = jaxmedusa.generate(model, prompts, max_new_tokens=20, tree=tree, top_k=4, eos_token_id=[])
+    assert medusa.tokens == vanilla.tokens
+
+
+def test_eos_inside_generation_matches_vanilla(model):
+    prompts = prompts_of(np.random.default_rng(2), (4, 33))
+    free = jaxmedusa.generate(model, prompts, max_new_tokens=24, medusa=False, eos_token_id=[]).tokens
+    eos = free[1][9]
+    vanilla = jaxmedusa.generate(model, prompts, max_new_tokens=24, medusa=False, eos_token_id=eos)
+    medusa = jaxmedusa.generate(model, prompts, max_new_tokens=24, eos_token_id=eos)
+    assert medusa.tokens == vanilla.tokens
+    assert medusa.tokens[1][-1] == eos and len(medusa.tokens[1]) <= 10
+
+
+def test_perfect_heads_accept_the_whole_chain():
+    """A model whose final norm is zero predicts token 0 everywhere; zero-init heads on the base lm_head then
+    guess token 0 at rank 0 too, so every node of a chain is accepted and the commit path is exercised fully."""
+    import jax.numpy as jnp
+
+    lm = random_lm(seed=44)
+    lm.norm.weight.set_value(jnp.zeros_like(lm.norm.weight[...]))
+    model = jaxmedusa.Model(lm, max_len=128, heads=random_heads(lm, 3, 1, seed=44, std=0.0))
+    vanilla = jaxmedusa.generate(model, [7, 8, 9], max_new_tokens=24, medusa=False, eos_token_id=[]).tokens[0]
+    assert vanilla == [0] * 24
+    res = jaxmedusa.generate(model, [7, 8, 9], max_new_tokens=24, tree="chain-3", eos_token_id=[])
+    assert res.tokens[0] == vanilla
+    assert res.stats["steps"] == 6 and res.stats["mean_accepted_tokens_per_step"] == 4.0
+    assert res.stats["head_acceptance_rates"] == [1.0, 1.0, 1.0]
+
+
+def test_stats_are_consistent(model):
+    prompts = prompts_of(np.random.default_rng(3), (5, 9))
+    res = jaxmedusa.generate(model, prompts, max_new_tokens=16, eos_token_id=[])
+    s = res.stats
+    hist = s["accepted_histogram"]
+    assert len(hist) == 5  # 1 .. depth + 1 tokens per step for the default tree trimmed to 4 levels
+    assert sum(hist) >= s["steps"]
+    rates = s["head_acceptance_rates"]
+    assert all(0 <= r <= 1 for r in rates) and rates == sorted(rates, reverse=True)
+    assert s["mean_accepted_tokens_per_step"] == pytest.approx(
+        sum((i + 1) * h for i, h in enumerate(hist)) / sum(hist))
+
+
+def test_typical_with_zero_threshold_accepts_every_node(model):
+    res = jaxmedusa.generate(model, [5, 6, 7], max_new_tokens=20, tree="chain-4", acceptance="typical",
+                             temperature=1.0, posterior_threshold=0.0, eos_token_id=[])
+    assert res.stats["mean_accepted_tokens_per_step"] == pytest.approx(5.0)
+    assert res.stats["head_acceptance_rates"] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_rejection_sampling_is_lossless():
+    """First two tokens' empirical joint distribution vs the exact base-model distribution (chi-square)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmedusa.cache import KVCache
+
+    vocab = 8
+    lm = random_lm(seed=45, std=0.4, vocab_size=vocab, bos_token_id=0, eos_token_id=1)
+    model = jaxmedusa.Model(lm, max_len=64, heads=random_heads(lm, 2, 1, seed=45, std=0.5))
+    prompt = [2, 3, 4]
+    n = 4000
+    res = jaxmedusa.generate(model, [prompt] * n, max_new_tokens=2, temperature=1.0, acceptance="rejection",
+                             tree=cartesian_tree([3, 2]), top_k=3, seed=7, eos_token_id=[])
+    assert res.stats["mean_accepted_tokens_per_step"] > 1.0  # the tree is used, not bypassed
+    counts = np.zeros((vocab, vocab))
+    for t in res.tokens:
+        counts[t[0], t[1]] += 1
+
+    def next_probs(seq):
+        t = len(seq)
+        cache = KVCache.create(lm.config, 1, t)
+        h, _ = lm(jnp.asarray([seq]), jnp.arange(t)[None], cache, jnp.tril(jnp.ones((t, t), bool)), prefill=True)
+        return np.asarray(jax.nn.softmax(lm.logits(h)[0, -1]), np.float64)
+
+    p1 = next_probs(prompt)
+    expected = np.array([[p1[a] * next_probs(prompt + [a])[b] for b in range(vocab)] for a in range(vocab)]) * n
+    keep = expected > 5  # chi-square needs expected counts >= 5; pool the rest into one cell
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    rest_e, rest_o = expected[~keep].sum(), counts[~keep].sum()
+    if rest_e > 0:
+        chi2 += (rest_o - rest_e) ** 2 / rest_e
+    dof = int(keep.sum()) + (rest_e > 0) - 1
+    # stated bound: the 99.9% quantile of chi-square, via the Wilson-Hilferty approximation
+    z = 3.09
+    bound = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < bound, (chi2, bound, dof)
+
+
+def test_tree_buffers_for_published_tree():
+    tree = build_tree("mc_sim_7b_63", num_heads=5)
+    assert tree.size == 64 and tree.max_depth == 4 and tree.paths.shape == (42, 5)
+    assert (np.diag(tree.mask)).all() and tree.mask[:, 0].all()
+    for row in tree.paths:  # each path is root -> leaf through parents
+        nodes = [n for n in row if n >= 0]
+        assert nodes[0] == 0 and all(tree.parent[b] == a for a, b in zip(nodes, nodes[1:]))
+    assert len(published_trees()) == 9
+
+
+def test_tree_helpers():
+    assert chain_tree(3) == [[0], [0, 0], [0, 0, 0]]
+    assert cartesian_tree([2, 2]) == [[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]]
+    assert build_tree(cartesian_tree([2, 2]), num_heads=2).size == 7
+
+
+@pytest.mark.parametrize("paths, message", [
+    ([[0], [0, 0], [0, 0, 0]], "depth 3 but the model has 2 Medusa heads"),
+    ([[0], [10]], "rank 10, outside the top-10"),
+    ([[0], [1, 0]], r"not prefix-closed: \[1, 0\] is present but its parent \[1\] is not"),
+    ([[0], [0]], "appears twice"),
+    ("no_such_tree", "unknown tree 'no_such_tree'"),
+])
+def test_bad_trees_are_named(paths, message):
+    with pytest.raises(TreeError, match=message):
+        build_tree(paths, num_heads=2)
+
+
+def test_medusa_requested_without_heads():
+    model = jaxmedusa.Model(random_lm(seed=46), max_len=64)
+    with pytest.raises(ValueError, match="no Medusa heads"):
+        jaxmedusa.generate(model, [1, 2], medusa=True)
+    with pytest.raises(ValueError, match="acceptance 'nope'"):
+        jaxmedusa.generate(model, [1, 2], acceptance="nope")
