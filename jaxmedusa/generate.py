@@ -61,13 +61,15 @@ def resolve_eos(model: Model, eos_token_id) -> tuple[int, ...]:
     return tuple(int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
 
 
-def pad_prompts(prompts: list[list[int]], max_len: int, reserve: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(prompts: list[list[int]], max_len: int, new_tokens: int,
+                tree_slots: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads prompts into [B, L] (L a multiple of PROMPT_BUCKET) and checks the cache fits them."""
     lens = np.array([len(p) for p in prompts], np.int32)
-    need = int(lens.max()) + reserve
+    need = int(lens.max()) + new_tokens + tree_slots
     if need > max_len:
-        raise ValueError(f"prompt of {int(lens.max())} tokens + {reserve} new tokens needs {need} cache slots, "
-                         f"but max_len is {max_len}; load with a larger max_len or generate fewer tokens")
+        tree = f" + {tree_slots} tree slots" if tree_slots else ""
+        raise ValueError(f"prompt of {int(lens.max())} tokens + {new_tokens} new tokens{tree} needs {need} cache "
+                         f"slots, but max_len is {max_len}; load with a larger max_len or generate fewer tokens")
     width = min(-(-int(lens.max()) // PROMPT_BUCKET) * PROMPT_BUCKET, max_len)
     tokens = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
@@ -155,8 +157,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     tree_buf = resolve_model_tree(model, tree, top_k) if use_medusa else None
     ids = encode_prompts(model, prompts)
     eos = resolve_eos(model, eos_token_id)
-    reserve = max_new_tokens + (tree_buf.size if use_medusa else 0)
-    tokens, lens = pad_prompts(ids, model.max_len, reserve)
+    tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens, tree_buf.size if use_medusa else 0)
     graphdef, state = model.split()
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 

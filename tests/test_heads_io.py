@@ -1,0 +1,149 @@
+"""Medusa heads: logits against a PyTorch implementation of the official head, and the checkpoint formats."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmedusa
+from jaxmedusa.checkpoint import CheckpointError
+from jaxmedusa.heads_io import heads_state_dict, save_heads
+from jaxmedusa.safetensors_io import iter_safetensors, save_safetensors
+
+from conftest import random_heads, random_lm
+
+
+def official_heads_torch(state: dict, num_heads: int, num_layers: int, hidden: int, vocab: int):
+    """The reference implementation's head: Sequential(ResBlock * L, Linear(H, V, bias=False))."""
+    import torch
+    from torch import nn
+
+    class ResBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(hidden, hidden)
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            return x + self.act(self.linear(x))
+
+    heads = nn.ModuleList([nn.Sequential(*[ResBlock() for _ in range(num_layers)],
+                                         nn.Linear(hidden, vocab, bias=False)) for _ in range(num_heads)])
+    heads.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return heads
+
+
+@pytest.mark.torch
+def test_head_logits_match_pytorch_official_head():
+    import torch
+
+    lm = random_lm(seed=51)
+    heads = random_heads(lm, 3, 2, seed=51)
+    state = heads_state_dict(heads)
+    ref = official_heads_torch(state, 3, 2, 64, 97)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    ours = np.asarray(heads(jnp.asarray(x), lm.logits))
+    with torch.no_grad():
+        theirs = np.stack([h(torch.from_numpy(x)).numpy() for h in ref])
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.torch
+def test_official_pt_round_trip(tmp_path):
+    """torch state dict -> medusa_lm_head.pt -> jaxmedusa -> saved safetensors -> the same state dict."""
+    import torch
+
+    rng = np.random.default_rng(52)
+    state = {}
+    for i in range(5):
+        state[f"{i}.0.linear.weight"] = rng.standard_normal((64, 64)).astype(np.float32)
+        state[f"{i}.0.linear.bias"] = rng.standard_normal(64).astype(np.float32)
+        state[f"{i}.1.weight"] = rng.standard_normal((97, 64)).astype(np.float32)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, src / "medusa_lm_head.pt")
+    (src / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1}))  # under-reports
+    heads = jaxmedusa.load_heads(str(src), hidden=64, vocab=97, dtype=jnp.float32)
+    assert heads.num_heads == 5 and heads.num_layers == 1
+    save_heads(heads, str(tmp_path / "out"))
+    back = dict(iter_safetensors(tmp_path / "out" / "medusa_lm_head.safetensors"))
+    assert sorted(back) == sorted(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k])
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["medusa_num_heads"] == 5 and cfg["medusa_num_layers"] == 1
+
+
+def _write_heads(path, tensors, config=None):
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(os.path.join(path, "medusa_lm_head.safetensors"), tensors)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config or {}, f)
+
+
+def test_aliased_layers_and_shared_lm_head_variants(tmp_path):
+    lm = random_lm(seed=53)
+    rng = np.random.default_rng(53)
+    w, b, proj = (rng.standard_normal((64, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32),
+                  rng.standard_normal((97, 64)).astype(np.float32))
+    # the reference code's aliasing: 2 layers configured, only layer 0's keys stored, projection at index 2
+    _write_heads(tmp_path / "aliased", {"0.0.linear.weight": w, "0.0.linear.bias": b, "0.2.weight": proj},
+                 {"medusa_num_layers": 2})
+    heads = jaxmedusa.load_heads(str(tmp_path / "aliased"), hidden=64, vocab=97, dtype=jnp.float32)
+    assert heads.num_layers == 2
+    for block in heads.heads[0].blocks:
+        np.testing.assert_array_equal(np.asarray(block.linear.kernel[...]), w.T)
+    # "version 2": no projection, the base lm_head is reused
+    _write_heads(tmp_path / "v2", {"0.0.linear.weight": w, "0.0.linear.bias": b, "1.0.linear.weight": w,
+                                   "1.0.linear.bias": b}, {"medusa_num_layers": 1})
+    heads = jaxmedusa.load_heads(str(tmp_path / "v2"), hidden=64, vocab=97, dtype=jnp.float32)
+    assert heads.shared_lm_head and heads.num_heads == 2
+    x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    res = x + jnp.asarray(np.asarray(x) @ w.T + b) * (1 / (1 + jnp.exp(-(jnp.asarray(np.asarray(x) @ w.T + b)))))
+    np.testing.assert_allclose(np.asarray(heads(x, lm.logits)[1]), np.asarray(lm.logits(res)), atol=1e-4)
+
+
+@pytest.mark.parametrize("tensors, config, message", [
+    ({"0.0.linear.weight": np.zeros((64, 64), np.float32), "0.0.linear.bias": np.zeros(64, np.float32),
+      "0.1.weight": np.zeros((97, 64), np.float32), "0.0.extra": np.zeros(1, np.float32)}, {},
+     "unexpected key '0.0.extra'"),
+    ({"0.0.linear.weight": np.zeros((64, 32), np.float32), "0.0.linear.bias": np.zeros(64, np.float32),
+      "0.1.weight": np.zeros((97, 64), np.float32)}, {}, r"'0.0.linear.weight': expected shape \(64, 64\)"),
+    ({"0.0.linear.weight": np.zeros((64, 64), np.float32), "0.1.weight": np.zeros((97, 64), np.float32)}, {},
+     "missing key '0.0.linear.bias'"),
+    ({"0.0.linear.weight": np.zeros((64, 64), np.float32), "0.0.linear.bias": np.zeros(64, np.float32),
+      "0.1.weight": np.zeros((97, 64), np.float32)}, {"medusa_num_layers": 3},
+     "medusa_num_layers=3 but the heads file .* has 1"),
+])
+def test_bad_heads_files_are_named(tmp_path, tensors, config, message):
+    _write_heads(tmp_path / "h", tensors, config)
+    with pytest.raises(CheckpointError, match=message):
+        jaxmedusa.load_heads(str(tmp_path / "h"), hidden=64, vocab=97, dtype=jnp.float32)
+
+
+def test_load_with_heads_dir_and_medusa2_checkpoint(tmp_path):
+    lm = random_lm(seed=54)
+    heads = random_heads(lm, 3, 1, seed=54)
+    jaxmedusa.save(lm, tmp_path / "base")
+    save_heads(heads, str(tmp_path / "heads"), base_model=str(tmp_path / "base"))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64)), jnp.float32)
+    want = np.asarray(heads(x, lm.logits))
+
+    model = jaxmedusa.load(tmp_path / "base", heads=tmp_path / "heads", max_len=32)
+    np.testing.assert_allclose(np.asarray(model.heads(x, model.lm.logits)), want, atol=1e-6)
+
+    # Medusa-2 layout: the same tensors as medusa_head.* inside the model weights, counts in config.json
+    f = tmp_path / "base" / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in iter_safetensors(f)}
+    tensors.update({f"medusa_head.{k}": v for k, v in heads_state_dict(heads).items()})
+    save_safetensors(f, tensors)
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg.update(medusa_num_heads=3, medusa_num_layers=1)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    model = jaxmedusa.load(tmp_path / "base", max_len=128)
+    assert model.heads is not None and model.heads.num_heads == 3
+    np.testing.assert_allclose(np.asarray(model.heads(x, model.lm.logits)), want, atol=1e-6)
+    vanilla = jaxmedusa.generate(model, [3, 4, 5], max_new_tokens=8, medusa=False, eos_token_id=[]).tokens
+    assert jaxmedusa.generate(model, [3, 4, 5], max_new_tokens=8, eos_token_id=[]).tokens == vanilla
