@@ -78,3 +78,58 @@ def test_console_script_runs(model_dir):
                            "--json", "3,4"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["tokens"][0]) <= 3
+
+
+@pytest.fixture
+def heads_dir(model_dir, tmp_path):
+    from conftest import random_heads
+
+    model = jaxmedusa.load(model_dir, max_len=32)
+    path = str(tmp_path / "heads")
+    jaxmedusa.save_heads(random_heads(model.lm, 3, 1, seed=22), path, base_model=model_dir)
+    return path
+
+
+def test_generate_with_heads_compare(model_dir, heads_dir, capsys):
+    rc = main(["generate", "--model", model_dir, "--heads", heads_dir, "--tree", "chain-3", "--ids",
+               "--max-new-tokens", "12", "--max-len", "64", "--compare", "--json", "3,4,5"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["medusa"] and not out["vanilla"]["stats"]["medusa"]
+    assert out["tokens"] == out["vanilla"]["tokens"]  # greedy Medusa == vanilla greedy
+    assert out["stats"]["tree_nodes"] == 4 and out["stats"]["mean_accepted_tokens_per_step"] >= 1.0
+
+    rc = main(["generate", "--model", model_dir, "--heads", heads_dir, "--ids", "--max-new-tokens", "12",
+               "--max-len", "96", "--compare", "3,4,5"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "speedup" in err and "identical tokens" in err
+
+
+def test_cli_tree_and_compare_errors(model_dir, heads_dir, capsys):
+    rc = main(["generate", "--model", model_dir, "--heads", heads_dir, "--tree", "[[0],[0,0],[0,0,0],[0,0,0,0]]",
+               "--ids", "3"])
+    assert rc == 2 and "unknown tree" in capsys.readouterr().err
+    rc = main(["generate", "--model", model_dir, "--heads", heads_dir, "--tree", "chain-4", "--ids", "3"])
+    assert rc == 2 and "depth 4 but the model has 3 Medusa heads" in capsys.readouterr().err
+    rc = main(["generate", "--model", model_dir, "--compare", "--ids", "3"])
+    assert rc == 2 and "--compare needs Medusa heads" in capsys.readouterr().err
+
+
+def test_convert_heads_and_model(model_dir, heads_dir, tmp_path, capsys):
+    import numpy as np
+    from jaxmedusa.safetensors_io import iter_safetensors
+
+    out = str(tmp_path / "heads2")
+    assert main(["convert", "heads", heads_dir, out, "--dtype", "bfloat16"]) == 0
+    a = dict(iter_safetensors(os.path.join(heads_dir, "medusa_lm_head.safetensors")))
+    b = dict(iter_safetensors(os.path.join(out, "medusa_lm_head.safetensors")))
+    assert sorted(a) == sorted(b) and all(str(v.dtype) == "bfloat16" for v in b.values())
+    np.testing.assert_allclose(np.asarray(b["0.0.linear.weight"], np.float32), a["0.0.linear.weight"], rtol=1e-2)
+
+    assert main(["convert", "model", model_dir, str(tmp_path / "m2"), "--heads", heads_dir,
+                 "--heads-out", str(tmp_path / "h3")]) == 0
+    m = jaxmedusa.load(str(tmp_path / "m2"), heads=str(tmp_path / "h3"), max_len=128)
+    orig = jaxmedusa.load(model_dir, heads=heads_dir, max_len=128)
+    assert m.heads.num_heads == 3
+    assert jaxmedusa.generate(m, [3, 4], max_new_tokens=6).tokens == \
+        jaxmedusa.generate(orig, [3, 4], max_new_tokens=6).tokens
