@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """Pallas kernels in interpret mode against the pure-JAX references: fresh random inputs every time."""
 
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
