@@ -3,7 +3,7 @@
 from .cache import KVCache
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
-from .generate import GenerationResult, generate
+from .generate import GenerationResult, generate, stream
 from .heads import MedusaHeads
 from .heads_io import load_heads, save_heads
 from .loading import Model, load, save
@@ -12,6 +12,6 @@ from .model import LlamaForCausalLM
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "CheckpointError", "ConfigError", "ModelConfig", "GenerationResult", "generate", "Model",
+__all__ = ["KVCache", "CheckpointError", "ConfigError", "ModelConfig", "GenerationResult", "generate", "stream", "Model",
            "load", "save", "MedusaHeads", "load_heads", "save_heads", "TreeError", "build_tree",
            "cartesian_tree", "chain_tree", "published_trees", "LlamaForCausalLM", "__version__"]

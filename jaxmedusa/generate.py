@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from flax import nnx
 from .cache import KVCache
 from .compile_cache import call_compiled
 from .loading import Model
-from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop
+from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step
 from .sampling import choose_tokens
 from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, published_trees
 
@@ -91,6 +91,29 @@ def prefill(state, tokens: jax.Array, lens: jax.Array, *, graphdef, max_len: int
     return cache._replace(lengths=lens.astype(jnp.int32)), last
 
 
+def vanilla_step(lm, cache: KVCache, hidden, key, done, eos_ids, temperature, top_p, *, greedy: bool,
+                 use_top_p: bool, attn_impl=None):
+    """Chooses each sequence's next token from its last hidden state and feeds it through the model.
+
+    Finished sequences (`done`) do not advance. Returns (cache, hidden [B, H], key, token [B], done).
+    """
+    key, sub = jax.random.split(key)
+    tok = choose_tokens(lm.logits(hidden), sub, temperature, top_p, greedy=greedy, use_top_p=use_top_p)
+    active = ~done
+    done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+    h, cache = lm(tok[:, None], cache.lengths[:, None], cache, jnp.ones((1, 1), bool), attn_impl=attn_impl)
+    cache = cache._replace(lengths=cache.lengths + active.astype(jnp.int32))
+    return cache, h[:, 0], key, tok, done
+
+
+@partial(jax.jit, static_argnames=("graphdef", "greedy", "use_top_p", "attn_impl"), donate_argnames=("cache",))
+def vanilla_stream_step(state, cache: KVCache, hidden, key, done, eos_ids, temperature, top_p, *, graphdef,
+                        greedy: bool, use_top_p: bool, attn_impl=None):
+    """One vanilla step for stream(): (cache, hidden, key, token [B], done)."""
+    return vanilla_step(nnx.merge(graphdef, state), cache, hidden, key, done, eos_ids, temperature, top_p,
+                        greedy=greedy, use_top_p=use_top_p, attn_impl=attn_impl)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "use_top_p", "attn_impl"),
          donate_argnames=("cache",))
 def decode_loop(state, cache: KVCache, hidden: jax.Array, key: jax.Array, eos_ids: jax.Array,
@@ -104,7 +127,6 @@ def decode_loop(state, cache: KVCache, hidden: jax.Array, key: jax.Array, eos_id
     lm = nnx.merge(graphdef, state)
     b = cache.batch
     out0 = jnp.zeros((b, max_new_tokens), jnp.int32)
-    one = jnp.ones((1, 1), bool)
 
     def cond(carry):
         step, _, _, _, done, _ = carry
@@ -112,15 +134,10 @@ def decode_loop(state, cache: KVCache, hidden: jax.Array, key: jax.Array, eos_id
 
     def body(carry):
         step, cache, hidden, out, done, key = carry
-        key, sub = jax.random.split(key)
-        tok = choose_tokens(lm.logits(hidden), sub, temperature, top_p, greedy=greedy, use_top_p=use_top_p)
+        cache, hidden, key, tok, new_done = vanilla_step(lm, cache, hidden, key, done, eos_ids, temperature, top_p,
+                                                         greedy=greedy, use_top_p=use_top_p, attn_impl=attn_impl)
         out = out.at[:, step].set(jnp.where(done, 0, tok))
-        counts_inc = ~done
-        done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
-
-        h, cache = lm(tok[:, None], cache.lengths[:, None], cache, one, attn_impl=attn_impl)
-        cache = cache._replace(lengths=cache.lengths + counts_inc.astype(jnp.int32))
-        return step + 1, cache, h[:, 0], out, done, key
+        return step + 1, cache, hidden, out, new_done, key
 
     done0 = jnp.zeros((b,), bool)
     start_lengths = cache.lengths
@@ -143,44 +160,27 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     (epsilon = posterior_threshold, delta = posterior_alpha) or rejection (lossless sampling). At
     temperature 0 every rule is greedy.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    use_medusa = model.heads is not None if medusa is None else bool(medusa)
-    if use_medusa and model.heads is None:
-        raise ValueError("medusa=True but the model has no Medusa heads; load them with load(..., heads=DIR)")
-    if acceptance not in ACCEPTANCES:
-        raise ValueError(f"acceptance {acceptance!r} is not one of {', '.join(ACCEPTANCES)}")
-    tree_buf = resolve_model_tree(model, tree, top_k) if use_medusa else None
-    ids = encode_prompts(model, prompts)
-    eos = resolve_eos(model, eos_token_id)
-    tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens, tree_buf.size if use_medusa else 0)
-    graphdef, state = model.split()
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-
+    run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
+                   acceptance, top_k, posterior_threshold, posterior_alpha)
+    ids, use_medusa, tree_buf, eos_arr, graphdef, state = (run.ids, run.use_medusa, run.tree, run.eos, run.graphdef,
+                                                           run.state)
     t0 = time.perf_counter()
-    (cache, hidden), c1 = call_compiled(prefill, (state, jnp.asarray(tokens), jnp.asarray(lens)),
+    (cache, hidden), c1 = call_compiled(prefill, (state, jnp.asarray(run.tokens), jnp.asarray(run.lens)),
                                         dict(graphdef=graphdef, max_len=model.max_len, attn_impl=attn_impl))
     jax.block_until_ready(hidden)
     t1 = time.perf_counter()
     medusa_stats = None
     if use_medusa:
         heads_graphdef, heads_state = model.split_heads()
-        params = AcceptanceParams(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                                  jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
-        args = (state, heads_state, cache, hidden, jax.random.key(seed), eos_arr, params)
+        args = (state, heads_state, cache, hidden, jax.random.key(seed), eos_arr, run.params)
         static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=tree_buf,
-                      max_new_tokens=max_new_tokens, acceptance=acceptance if temperature > 0 else "greedy",
-                      use_top_p=top_p < 1.0, attn_impl=attn_impl)
+                      max_new_tokens=max_new_tokens, acceptance=run.acceptance, use_top_p=top_p < 1.0,
+                      attn_impl=attn_impl)
         (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static)
         out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
         steps = medusa_stats.steps
     else:
-        args = (state, cache, hidden, jax.random.key(seed), eos_arr, jnp.float32(max(temperature, 1e-6)),
-                jnp.float32(top_p))
+        args = (state, cache, hidden, jax.random.key(seed), eos_arr, run.params.temperature, run.params.top_p)
         static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
                       use_top_p=top_p < 1.0, attn_impl=attn_impl)
         (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
@@ -212,6 +212,89 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         stats.update(medusa_summary(medusa_stats, counts, tree_buf))
         stats["acceptance"] = static["acceptance"]
     return GenerationResult(tokens=new, texts=texts, stats=stats)
+
+
+@dataclasses.dataclass
+class _Run:
+    """A validated generation request: padded prompts, tree, EOS ids, acceptance parameters."""
+
+    ids: list[list[int]]
+    tokens: np.ndarray
+    lens: np.ndarray
+    use_medusa: bool
+    tree: TreeBuffers | None
+    eos: jax.Array
+    params: AcceptanceParams
+    acceptance: str
+    graphdef: Any
+    state: Any
+
+
+def _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree, acceptance,
+             top_k, posterior_threshold, posterior_alpha) -> _Run:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    use_medusa = model.heads is not None if medusa is None else bool(medusa)
+    if use_medusa and model.heads is None:
+        raise ValueError("medusa=True but the model has no Medusa heads; load them with load(..., heads=DIR)")
+    if acceptance not in ACCEPTANCES:
+        raise ValueError(f"acceptance {acceptance!r} is not one of {', '.join(ACCEPTANCES)}")
+    tree_buf = resolve_model_tree(model, tree, top_k) if use_medusa else None
+    ids = encode_prompts(model, prompts)
+    eos = resolve_eos(model, eos_token_id)
+    tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens, tree_buf.size if use_medusa else 0)
+    params = AcceptanceParams(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                              jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
+    graphdef, state = model.split()
+    return _Run(ids=ids, tokens=tokens, lens=lens, use_medusa=use_medusa, tree=tree_buf,
+                eos=jnp.asarray(eos if eos else (-1,), jnp.int32), params=params,
+                acceptance=acceptance if temperature > 0 else "greedy", graphdef=graphdef, state=state)
+
+
+def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+           seed: int = 0, eos_token_id=None, medusa: bool | None = None, tree=None, acceptance: str = "greedy",
+           top_k: int = DEFAULT_TOP_K, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+           attn_impl: str | None = None) -> Iterator[list[list[int]]]:
+    """Like generate(), but yields after every step the new token ids of each sequence (possibly empty).
+
+    A thin host loop over the same jitted step generate() runs inside its on-device loop, so the
+    concatenated chunks equal generate()'s tokens for the same arguments.
+    """
+    run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
+                   acceptance, top_k, posterior_threshold, posterior_alpha)
+    (cache, hidden), _ = call_compiled(prefill, (run.state, jnp.asarray(run.tokens), jnp.asarray(run.lens)),
+                                       dict(graphdef=run.graphdef, max_len=model.max_len, attn_impl=attn_impl))
+    b = len(run.ids)
+    done = jnp.zeros((b,), bool)
+    key = jax.random.key(seed)
+    use_top_p = top_p < 1.0
+    if run.use_medusa:
+        heads_graphdef, heads_state = model.split_heads()
+        static = dict(graphdef=run.graphdef, heads_graphdef=heads_graphdef, tree=run.tree, acceptance=run.acceptance,
+                      use_top_p=use_top_p)
+        s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
+        n = jnp.zeros((b,), jnp.int32)
+        while not bool(jnp.all(done)):
+            s, tokens, take, n, done = medusa_stream_step(run.state, heads_state, s, n, done, run.eos, run.params,
+                                                          max_new_tokens=max_new_tokens, attn_impl=attn_impl,
+                                                          **static)
+            tokens, take = jax.device_get((tokens, take))
+            yield [tokens[i, :take[i]].tolist() for i in range(b)]
+    else:
+        for _ in range(max_new_tokens):
+            was_done = np.asarray(done)
+            cache, hidden, key, tok, done = vanilla_stream_step(
+                run.state, cache, hidden, key, done, run.eos, run.params.temperature, run.params.top_p,
+                graphdef=run.graphdef, greedy=temperature == 0.0,
+                use_top_p=use_top_p, attn_impl=attn_impl)
+            tok = np.asarray(tok)
+            yield [[] if was_done[i] else [int(tok[i])] for i in range(b)]
+            if bool(jnp.all(done)):
+                break
 
 
 def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:

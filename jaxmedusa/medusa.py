@@ -182,6 +182,54 @@ def medusa_step(lm, heads, tree: TreeBuffers, state: StepState, params: Acceptan
     return new_state, StepOut(tokens=tokens, count=count), acc_len
 
 
+def initial_state(lm, heads, tree: TreeBuffers, cache: KVCache, hidden, key, params: AcceptanceParams, *,
+                  acceptance: str, use_top_p: bool) -> StepState:
+    """The first step's state from the prefilled cache and the last prompt hidden state [B, H]."""
+    key, k0 = jax.random.split(key)
+    root = choose_root(lm.logits(hidden), k0, params, acceptance=acceptance, use_top_p=use_top_p)
+    return StepState(cache=cache, root=root, head_top=heads_top_k(heads, lm, hidden, tree.top_k), key=key)
+
+
+def commit_emitted(emitted: StepOut, active, n, done, eos_ids, max_new_tokens: int):
+    """How many of this step's tokens each sequence keeps: up to its first EOS (included) and its budget.
+
+    Returns (take [B], tokens so far n [B], done [B]).
+    """
+    width = emitted.tokens.shape[1]
+    j = jnp.arange(width)[None]
+    is_eos = jnp.any(emitted.tokens[..., None] == eos_ids[None, None], axis=-1) & (j < emitted.count[:, None])
+    first_eos = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, width + 1)  # width + 1: none
+    take = jnp.minimum(jnp.minimum(emitted.count, first_eos), max_new_tokens - n)
+    take = jnp.where(active, take, 0)
+    n = n + take
+    done = done | (active & (first_eos <= emitted.count)) | (n >= max_new_tokens)
+    return take, n, done
+
+
+_STEP_STATIC = ("graphdef", "heads_graphdef", "tree", "acceptance", "use_top_p", "attn_impl")
+
+
+@partial(jax.jit, static_argnames=_STEP_STATIC[:-1])
+def medusa_start(state, heads_state, cache: KVCache, hidden, key, params: AcceptanceParams, *, graphdef,
+                 heads_graphdef, tree: TreeBuffers, acceptance: str, use_top_p: bool) -> StepState:
+    """initial_state() as its own jitted function, for stream()."""
+    return initial_state(nnx.merge(graphdef, state), nnx.merge(heads_graphdef, heads_state), tree, cache, hidden,
+                         key, params, acceptance=acceptance, use_top_p=use_top_p)
+
+
+@partial(jax.jit, static_argnames=_STEP_STATIC + ("max_new_tokens",), donate_argnames=("s",))
+def medusa_stream_step(state, heads_state, s: StepState, n, done, eos_ids, params: AcceptanceParams, *, graphdef,
+                       heads_graphdef, tree: TreeBuffers, max_new_tokens: int, acceptance: str, use_top_p: bool,
+                       attn_impl=None):
+    """One Medusa step for stream(): (state, tokens [B, D + 1], take [B], n [B], done [B])."""
+    lm = nnx.merge(graphdef, state)
+    heads = nnx.merge(heads_graphdef, heads_state)
+    s, emitted, _ = medusa_step(lm, heads, tree, s, params, ~done, acceptance=acceptance, use_top_p=use_top_p,
+                                attn_impl=attn_impl)
+    take, n, done = commit_emitted(emitted, ~done, n, done, eos_ids, max_new_tokens)
+    return s, emitted.tokens, take, n, done
+
+
 class LoopStats(NamedTuple):
     steps: jax.Array  # [] loop iterations
     active_steps: jax.Array  # [B] steps each sequence was active
@@ -202,9 +250,7 @@ def medusa_loop(state, heads_state, cache: KVCache, hidden, key, eos_ids, params
     heads = nnx.merge(heads_graphdef, heads_state)
     b = cache.batch
     width = tree.max_depth + 1
-    key, k0 = jax.random.split(key)
-    root = choose_root(lm.logits(hidden), k0, params, acceptance=acceptance, use_top_p=use_top_p)
-    s0 = StepState(cache=cache, root=root, head_top=heads_top_k(heads, lm, hidden, tree.top_k), key=key)
+    s0 = initial_state(lm, heads, tree, cache, hidden, key, params, acceptance=acceptance, use_top_p=use_top_p)
     stats0 = LoopStats(jnp.int32(0), jnp.zeros((b,), jnp.int32), jnp.zeros((width + 1,), jnp.int32),
                        jnp.zeros((tree.max_depth,), jnp.int32))
     out0 = jnp.zeros((b, max_new_tokens + width), jnp.int32)
@@ -220,16 +266,11 @@ def medusa_loop(state, heads_state, cache: KVCache, hidden, key, eos_ids, params
         active = ~done
         s, emitted, acc_len = medusa_step(lm, heads, tree, s, params, active, acceptance=acceptance,
                                           use_top_p=use_top_p, attn_impl=attn_impl)
+        take, n, done = commit_emitted(emitted, active, n, done, eos_ids, max_new_tokens)
         j = jnp.arange(width)[None]
-        is_eos = jnp.any(emitted.tokens[..., None] == eos_ids[None, None], axis=-1) & (j < emitted.count[:, None])
-        first_eos = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, width + 1)  # + 1: none
-        take = jnp.minimum(jnp.minimum(emitted.count, first_eos), max_new_tokens - n)
-        take = jnp.where(active, take, 0)
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, width))
-        cols = jnp.where(j < take[:, None], n[:, None] + j, out.shape[1])  # out of range -> dropped
+        cols = jnp.where(j < take[:, None], (n - take)[:, None] + j, out.shape[1])  # out of range -> dropped
         out = out.at[rows, cols].set(emitted.tokens, mode="drop")
-        n = n + take
-        done = done | (active & (first_eos <= emitted.count)) | (n >= max_new_tokens)
         acc = jnp.where(active, acc_len, -1)
         stats = LoopStats(
             steps=stats.steps + 1,

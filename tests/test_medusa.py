@@ -171,3 +171,15 @@ def test_medusa_requested_without_heads():
         jaxmedusa.generate(model, [1, 2], medusa=True)
     with pytest.raises(ValueError, match="acceptance 'nope'"):
         jaxmedusa.generate(model, [1, 2], acceptance="nope")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(acceptance="rejection", temperature=0.8, seed=3),
+                                dict(medusa=False, temperature=0.8, top_p=0.9, seed=4)])
+def test_stream_chunks_equal_generate(model, kw):
+    prompts = prompts_of(np.random.default_rng(5), (4, 21))
+    eos = jaxmedusa.generate(model, prompts, max_new_tokens=18, eos_token_id=[], **kw).tokens[0][7]
+    want = jaxmedusa.generate(model, prompts, max_new_tokens=18, eos_token_id=eos, **kw).tokens
+    chunks = list(jaxmedusa.stream(model, prompts, max_new_tokens=18, eos_token_id=eos, **kw))
+    got = [sum((c[i] for c in chunks), []) for i in range(2)]
+    assert got == want
+    assert len(chunks) >= 1 and all(len(c) == 2 for c in chunks)
