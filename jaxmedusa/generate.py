@@ -162,25 +162,24 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)
-    ids, use_medusa, tree_buf, eos_arr, graphdef, state = (run.ids, run.use_medusa, run.tree, run.eos, run.graphdef,
-                                                           run.state)
+    graphdef, state = run.graphdef, run.state
     t0 = time.perf_counter()
     (cache, hidden), c1 = call_compiled(prefill, (state, jnp.asarray(run.tokens), jnp.asarray(run.lens)),
                                         dict(graphdef=graphdef, max_len=model.max_len, attn_impl=attn_impl))
     jax.block_until_ready(hidden)
     t1 = time.perf_counter()
     medusa_stats = None
-    if use_medusa:
+    if run.use_medusa:
         heads_graphdef, heads_state = model.split_heads()
-        args = (state, heads_state, cache, hidden, jax.random.key(seed), eos_arr, run.params)
-        static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=tree_buf,
+        args = (state, heads_state, cache, hidden, jax.random.key(seed), run.eos, run.params)
+        static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=run.tree,
                       max_new_tokens=max_new_tokens, acceptance=run.acceptance, use_top_p=top_p < 1.0,
                       attn_impl=attn_impl)
         (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static)
         out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
         steps = medusa_stats.steps
     else:
-        args = (state, cache, hidden, jax.random.key(seed), eos_arr, run.params.temperature, run.params.top_p)
+        args = (state, cache, hidden, jax.random.key(seed), run.eos, run.params.temperature, run.params.top_p)
         static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
                       use_top_p=top_p < 1.0, attn_impl=attn_impl)
         (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
@@ -189,19 +188,19 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     compile_seconds = c1 + c2
     run_seconds = t2 - t0 - compile_seconds
 
-    new = [out[i, :counts[i]].tolist() for i in range(len(ids))]
+    new = [out[i, :counts[i]].tolist() for i in range(len(run.ids))]
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in new]
     new_tokens = int(counts.sum())
     steps = int(steps)
     stats = {
-        "batch": len(ids),
+        "batch": len(run.ids),
         "steps": steps,
         "new_tokens": new_tokens,
         # vanilla decoding emits exactly one token per active sequence per step
         "tokens_per_step": 1.0 if new_tokens else 0.0,
-        "medusa": use_medusa,
+        "medusa": run.use_medusa,
         "prefill_seconds": t1 - t0 - c1,
         "decode_seconds": t2 - t1 - c2,
         "seconds": run_seconds,
@@ -209,7 +208,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         "tokens_per_second": new_tokens / run_seconds if run_seconds > 0 else float("inf"),
     }
     if medusa_stats is not None:
-        stats.update(medusa_summary(medusa_stats, counts, tree_buf))
+        stats.update(medusa_summary(medusa_stats, counts, run.tree))
         stats["acceptance"] = static["acceptance"]
     return GenerationResult(tokens=new, texts=texts, stats=stats)
 
