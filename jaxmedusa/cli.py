@@ -119,13 +119,12 @@ def _np_dtype(name):
 def cmd_convert_heads(args) -> int:
     import jax.numpy as jnp
 
-    from .heads_io import heads_from_state_dict, heads_state_dict, read_heads_tensors, save_heads
+    from .heads_io import configured_layers, heads_from_state_dict, heads_state_dict, read_heads_tensors, save_heads
 
     tensors, config = read_heads_tensors(args.src)
     hidden, vocab = _heads_sizes(tensors, args.model)
-    layers = config.get("medusa_num_layers")
     heads = heads_from_state_dict(tensors, hidden=hidden, vocab=vocab, dtype=jnp.float32,
-                                  num_layers=None if layers is None else int(layers), source=f"heads in {args.src}")
+                                  num_layers=configured_layers(config), source=f"heads in {args.src}")
     base = config.get("base_model_name_or_path")
     save_heads(heads, args.dst, base_model=base, dtype=_np_dtype(args.dtype))
     if args.pt:

@@ -44,6 +44,12 @@ def read_heads_tensors(heads_dir: str) -> tuple[dict[str, np.ndarray], dict]:
     raise CheckpointError(f"no Medusa heads in {heads_dir}: expected one of {', '.join(HEADS_FILES)}")
 
 
+def configured_layers(config: dict) -> int | None:
+    """`medusa_num_layers` from a config.json dict, or None when it is absent (the weights decide)."""
+    layers = config.get("medusa_num_layers")
+    return None if layers is None else int(layers)
+
+
 def heads_from_state_dict(tensors: dict[str, np.ndarray], *, hidden: int, vocab: int, dtype,
                           num_layers: int | None = None, source: str = "heads file") -> MedusaHeads:
     """Builds MedusaHeads from official keys, checking every key and shape (errors name them)."""
@@ -113,9 +119,8 @@ def heads_state_dict(heads: MedusaHeads) -> dict[str, np.ndarray]:
 
 def load_heads(heads_dir: str, *, hidden: int, vocab: int, dtype) -> MedusaHeads:
     tensors, config = read_heads_tensors(heads_dir)
-    layers = config.get("medusa_num_layers")
     return heads_from_state_dict(tensors, hidden=hidden, vocab=vocab, dtype=dtype,
-                                 num_layers=None if layers is None else int(layers), source=f"heads file in {heads_dir}")
+                                 num_layers=configured_layers(config), source=f"heads file in {heads_dir}")
 
 
 def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = None, dtype=None) -> None:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from .checkpoint import export_params, read_params, save_tensors, weight_files
 from .config import ConfigError, ModelConfig
-from .heads_io import heads_from_state_dict, load_heads
+from .heads_io import configured_layers, heads_from_state_dict, load_heads
 from .model import LlamaForCausalLM
 from .params import llama_param_table, optional_keys
 
@@ -131,9 +131,8 @@ def load(path: str | os.PathLike, *, heads: str | os.PathLike | None = None, dty
     if heads is not None:
         medusa_heads = load_heads(os.fspath(heads), hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=dtype)
     elif embedded:
-        layers = raw.get("medusa_num_layers")
         medusa_heads = heads_from_state_dict(embedded, hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=dtype,
-                                             num_layers=None if layers is None else int(layers),
+                                             num_layers=configured_layers(raw),
                                              source=f"medusa_head.* tensors of {model_dir}")
     return Model(lm=lm, max_len=max_len, tokenizer=load_tokenizer(model_dir),
                  eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads)

@@ -168,10 +168,10 @@ def medusa_step(lm, heads, tree: TreeBuffers, state: StepState, params: Acceptan
             ok = p_cand > threshold[:, parent]
             score = jnp.log(jnp.maximum(p_cand, 1e-30))
         nodes, acc_len = _path_posterior(tree, ok, score)
-        last = nodes[rows, acc_len]
-        root = choose_root(logits[rows, last], k_root, params, acceptance=acceptance, use_top_p=use_top_p)
 
     last = nodes[rows, acc_len]
+    if acceptance != "rejection":  # the bonus token comes from the LM at the last accepted node
+        root = choose_root(logits[rows, last], k_root, params, acceptance=acceptance, use_top_p=use_top_p)
     count = jnp.where(active, acc_len + 1, 0)
     cache = _compact_kv(cache, nodes)
     cache = cache._replace(lengths=cache.lengths + count)

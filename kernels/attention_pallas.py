@@ -36,8 +36,13 @@ UNIFIED_MAX_MARGIN = 50.0  # exp(50) * 32k slots * |v| stays far below float32's
 _NEG = -1e30
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+def _pow2_at_least_16(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def kernel_supports(head_dim: int) -> bool:
+    """Whether the Pallas kernels take this head size (a power of two >= 16)."""
+    return _pow2_at_least_16(head_dim)
 
 
 def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, r_ref, l_ref, *, block_k: int, num_splits: int,
@@ -148,11 +153,11 @@ def _merge(o, r, l):
 
 
 def _check_tuning(d: int, block_m: int, block_k: int, num_splits: int) -> None:
-    if not _pow2(d) or d < 16:
+    if not kernel_supports(d):
         raise ValueError(f"head_dim must be a power of two >= 16 for the Pallas kernels, got {d}")
-    if not _pow2(block_m) or block_m < 16:
+    if not _pow2_at_least_16(block_m):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
-    if not _pow2(block_k) or block_k < 16:
+    if not _pow2_at_least_16(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

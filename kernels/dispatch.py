@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from . import attention_pallas, reference
+from .attention_pallas import kernel_supports
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
@@ -31,11 +32,6 @@ def resolve_impl(impl: str | None = None) -> str:
     if choice == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "reference"
     return choice
-
-
-def kernel_supports(head_dim: int) -> bool:
-    """Whether the Pallas kernels take this head size (a power of two >= 16)."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree_mask: jax.Array, *,
