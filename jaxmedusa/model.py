@@ -4,6 +4,7 @@ One forward serves prefill, decode and Medusa tree verification: it takes the to
 the cache and a [T, T] mask among the new tokens (causal for a prompt chunk, ancestors for a tree),
 writes the new K/V at slots [lengths, lengths + T) and returns the final-norm hidden states. The cache's
 `lengths` are left for the caller to advance, since only the caller knows how many tokens to keep.
+With `cache=None` the same forward is plain causal self-attention over the given tokens (training).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # training: causal attention over these tokens, no cache
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), None
         ck = write_kv(cache.k, layer, k, cache.lengths)
         cv = write_kv(cache.v, layer, v, cache.lengths)
         o = attention(q, ck[layer], cv[layer], cache.lengths, tree_mask, prefill=prefill, impl=attn_impl)
@@ -100,9 +104,12 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False,
                                                                      dtype, rngs)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, tree_mask: jax.Array, *,
-                 prefill: bool = False, attn_impl: str | None = None) -> tuple[jax.Array, KVCache]:
-        """tokens, positions [B, T]; tree_mask [T, T] bool. Returns (final-norm hidden [B, T, H], cache)."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, tree_mask: jax.Array | None,
+                 *, prefill: bool = False, attn_impl: str | None = None) -> tuple[jax.Array, KVCache | None]:
+        """tokens, positions [B, T]; tree_mask [T, T] bool. Returns (final-norm hidden [B, T, H], cache).
+
+        cache=None: causal self-attention over the T tokens alone (tree_mask unused), for training.
+        """
         cfg = self.config
         x = self.embed_tokens(tokens)
         inv = inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions)

@@ -1,0 +1,72 @@
+"""Losses for Medusa training, all masked to assistant tokens.
+
+Shifts: at position t the LM head predicts tokens[t + 1] and head k (0-indexed) predicts tokens[t + k + 2].
+A target counts when it lies inside the sequence and the loss mask is set at the target's position.
+Each loss is the mean over its counted targets (0 when there are none).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TokenLoss(NamedTuple):
+    loss: jax.Array  # [] mean cross-entropy over counted targets
+    correct: jax.Array  # [] counted targets whose argmax is right
+    count: jax.Array  # [] counted targets
+
+
+def shifted_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array, shift: int) -> TokenLoss:
+    """logits [B, T, V] at positions t predict tokens[t + shift] where mask[t + shift]."""
+    t = tokens.shape[1]
+    logits = logits[:, :t - shift].astype(jnp.float32)
+    targets = tokens[:, shift:]
+    weight = mask[:, shift:].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    count = weight.sum()
+    loss = jnp.sum(ce * weight) / jnp.maximum(count, 1.0)
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weight)
+    return TokenLoss(loss, correct, count)
+
+
+def head_losses(heads, hidden: jax.Array, lm_logits, tokens: jax.Array, mask: jax.Array) -> TokenLoss:
+    """Each head's TokenLoss (fields [K]); head k's logits are recomputed in the backward pass (remat), so
+    the [B, T, V] logits of one head at a time are live, not K of them."""
+    out = []
+    for k, head in enumerate(heads.heads):
+        @jax.checkpoint
+        def one(h, head=head, k=k):
+            return shifted_cross_entropy(head(h, lm_logits), tokens, mask, k + 2)
+        out.append(one(hidden))
+    return TokenLoss(*(jnp.stack(x) for x in zip(*out)))
+
+
+def lm_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> TokenLoss:
+    """The base model's next-token loss."""
+    return shifted_cross_entropy(logits, tokens, mask, 1)
+
+
+def distill_kl(logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean KL(teacher || student) of the next-token distributions at positions whose next token counts."""
+    weight = mask[:, 1:].astype(jnp.float32)
+    s = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    t = jax.nn.log_softmax(teacher_logits[:, :-1].astype(jnp.float32), -1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), -1)
+    return jnp.sum(kl * weight) / jnp.maximum(weight.sum(), 1.0)
+
+
+def head_weights(num_heads: int, coefficient, decay: float) -> jax.Array:
+    """coefficient * decay^k for k = 0 .. K-1."""
+    return coefficient * decay ** jnp.arange(num_heads, dtype=jnp.float32)
+
+
+def coefficient_at(step, steps: int, coefficient: float, schedule: str):
+    """The heads' loss coefficient at a step: constant, or a sine ramp from 0 to `coefficient` over the run."""
+    if schedule == "constant":
+        return jnp.float32(coefficient)
+    frac = jnp.clip(step.astype(jnp.float32) / max(steps, 1), 0.0, 1.0)
+    return coefficient * jnp.sin(frac * jnp.pi / 2)

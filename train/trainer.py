@@ -1,0 +1,406 @@
+"""The training loop: Medusa-1 (heads on a frozen base), Medusa-2 (joint) and plain LM pretraining.
+
+State in, state out: `{"params", "opt_state", "step", "rng"}` is one pytree, sharded by the fsdp rule and
+donated to one jitted step (gradient accumulation is a `lax.scan` over micro-batches inside it). What is
+trained is kept in float32 and cast to `compute_dtype` for the forward; a frozen base is kept in the
+compute dtype only and passed as an argument, so Medusa-1 computes no gradient for it at all.
+Checkpoints (Orbax) hold the state and the data position, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxmedusa.config import ModelConfig
+from jaxmedusa.heads import MedusaHeads
+from jaxmedusa.heads_io import save_heads
+from jaxmedusa.loading import Model, load, load_tokenizer, save
+from jaxmedusa.model import LlamaForCausalLM
+
+from . import losses
+from .checkpointing import Checkpointer
+from .config import TrainConfig, TrainConfigError
+from .data import ChatRenderer, DataError, TokenizedData, get_batch, load_conversations, tokenize
+from .sharding import check_batch, global_batch, make_mesh, tree_shardings
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def lr_schedule(peak: float, steps: int, warmup_ratio: float, min_lr_ratio: float, offset: int = 0):
+    """Linear warm-up then cosine decay to min_lr_ratio * peak over `steps - offset` steps, after `offset`
+    steps at zero (a frozen phase)."""
+    span = max(steps - offset, 1)
+    warmup = int(round(warmup_ratio * span))
+    main = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 0), max(span, warmup + 1),
+                                              end_value=peak * min_lr_ratio) if warmup else \
+        optax.cosine_decay_schedule(peak, span, alpha=min_lr_ratio)
+    if offset == 0:
+        return main
+    return optax.join_schedules([optax.constant_schedule(0.0), main], [offset])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only) after global-norm clipping; medusa2 gives heads and base their own lr."""
+    def adamw(schedule):
+        return optax.adamw(schedule, weight_decay=cfg.weight_decay,
+                           mask=lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p))
+
+    sched = partial(lr_schedule, steps=cfg.steps, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio)
+    if cfg.mode != "medusa2":
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw(sched(cfg.learning_rate)))
+    base = adamw(sched(cfg.learning_rate, offset=cfg.heads_warmup_steps))
+    heads = adamw(sched(cfg.learning_rate * cfg.heads_lr_multiplier))
+    labels = lambda p: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in p.items()}  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.multi_transform({"lm": base, "heads": heads}, labels))
+
+
+@dataclasses.dataclass
+class Models:
+    """The graphdefs (built at the compute dtype) and the initial states of what the run uses."""
+
+    config: ModelConfig
+    lm_graphdef: Any
+    heads_graphdef: Any | None
+    params: dict  # trained: {"lm": State?, "heads": State?} in float32
+    frozen: dict  # not trained: {"lm": State} (medusa1) and/or {"teacher": State} (distill_kl), compute dtype
+    tokenizer: Any
+
+
+def build_models(cfg: TrainConfig) -> Models:
+    """Loads (or initialises) the base, creates fresh heads, and splits trained from frozen state."""
+    if cfg.model is not None:
+        base = load(cfg.model, dtype=jnp.float32, max_len=cfg.seq_len)
+        lm, mcfg = base.lm, base.config
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else base.tokenizer
+    else:
+        try:
+            mcfg = ModelConfig.from_hf_dict(dict(cfg.model_init))
+        except ValueError as e:
+            raise TrainConfigError(f"model_init: {e}") from None
+        lm = LlamaForCausalLM(mcfg, dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if tokenizer is None:
+        raise TrainConfigError("tokenizer: the model directory has no tokenizer; set tokenizer: DIR")
+    if len(tokenizer) > mcfg.vocab_size:
+        raise TrainConfigError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
+                               f"{mcfg.vocab_size}")
+    cd = jnp.dtype(cfg.compute_dtype)
+    lm_graphdef = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(mcfg, dtype=cd, rngs=nnx.Rngs(0))))[0]
+    _, lm_state = nnx.split(lm)
+    params, frozen = {}, {}
+    heads_graphdef = None
+    if cfg.trains_heads:
+        heads = MedusaHeads.for_model(lm, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
+                                      rngs=nnx.Rngs(cfg.seed + 1))
+        heads_graphdef = nnx.split(nnx.eval_shape(lambda: MedusaHeads(
+            mcfg.hidden_size, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
+            dtype=cd, rngs=nnx.Rngs(0))))[0]
+        params["heads"] = nnx.split(heads)[1]
+    if cfg.trains_base:
+        params["lm"] = lm_state
+        if cfg.distill_kl:
+            frozen["teacher"] = _cast(lm_state, cd)
+    else:
+        frozen["lm"] = _cast(lm_state, cd)
+    params = _cast(params, jnp.float32)
+    return Models(mcfg, lm_graphdef, heads_graphdef, params, frozen, tokenizer)
+
+
+def make_loss_fn(cfg: TrainConfig, models: Models):
+    """loss(params, frozen, tokens [b, L], mask [b, L], coefficient, joint) -> (total, metrics)."""
+    cd = jnp.dtype(cfg.compute_dtype)
+
+    def loss_fn(params, frozen, tokens, mask, coefficient, joint: bool):
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cfg.trains_base:
+            lm_state = params["lm"] if joint else jax.lax.stop_gradient(params["lm"])
+        else:
+            lm_state = frozen["lm"]
+        lm = nnx.merge(models.lm_graphdef, _cast(lm_state, cd))
+        hidden, _ = lm(tokens, positions, None, None)
+        metrics = {}
+        total = jnp.float32(0.0)
+        if cfg.trains_base:
+            lm_l = losses.lm_loss(lm.logits(hidden), tokens, mask)
+            metrics.update(lm_loss=lm_l.loss, lm_correct=lm_l.correct, lm_count=lm_l.count)
+            if cfg.distill_kl:
+                teacher = nnx.merge(models.lm_graphdef, frozen["teacher"])
+                th, _ = teacher(tokens, positions, None, None)
+                kl = losses.distill_kl(lm.logits(hidden), jax.lax.stop_gradient(teacher.logits(th)), mask)
+                metrics["kl"] = kl
+                total = total + kl
+            else:
+                total = total + lm_l.loss
+        if cfg.trains_heads:
+            heads = nnx.merge(models.heads_graphdef, _cast(params["heads"], cd))
+            hl = losses.head_losses(heads, hidden, lm.logits, tokens, mask)
+            weights = losses.head_weights(cfg.heads, coefficient, cfg.head_decay)
+            total = total + jnp.sum(weights * hl.loss)
+            metrics.update(head_loss=hl.loss, head_correct=hl.correct, head_count=hl.count)
+        metrics["loss"] = total
+        return total, metrics
+
+    return loss_fn
+
+
+def make_train_step(cfg: TrainConfig, models: Models, tx: optax.GradientTransformation, joint: bool):
+    """step(state, frozen, tokens [A, b, L], mask [A, b, L]) -> (state, metrics); A = grad_accum."""
+    loss_fn = make_loss_fn(cfg, models)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, frozen, tokens, mask):
+        params = state["params"]
+        coefficient = losses.coefficient_at(state["step"], cfg.steps, cfg.head_coefficient, cfg.coefficient_schedule)
+
+        def micro(carry, xs):
+            grads, metrics = carry
+            (_, m), g = grad_fn(params, frozen, xs[0], xs[1], coefficient, joint)
+            return (jax.tree_util.tree_map(jnp.add, grads, g), jax.tree_util.tree_map(jnp.add, metrics, m)), None
+
+        zero_g = jax.tree_util.tree_map(jnp.zeros_like, params)
+        zero_m = jax.tree_util.tree_map(jnp.zeros_like,
+                                        jax.eval_shape(lambda: loss_fn(params, frozen, tokens[0], mask[0],
+                                                                       coefficient, joint)[1]))
+        (grads, metrics), _ = jax.lax.scan(micro, (zero_g, zero_m), (tokens, mask))
+        a = tokens.shape[0]
+        grads = jax.tree_util.tree_map(lambda g: g / a, grads)
+        for key in ("loss", "lm_loss", "kl", "head_loss"):
+            if key in metrics:
+                metrics[key] = metrics[key] / a
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["coefficient"] = coefficient
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new = dict(params=optax.apply_updates(params, updates), opt_state=opt_state, step=state["step"] + 1,
+                   rng=jax.random.fold_in(state["rng"], state["step"]))
+        return new, metrics
+
+    return step
+
+
+def summarize(metrics: dict) -> dict[str, Any]:
+    """Host-side numbers for logging: losses, accuracies (correct / count), per head as lists."""
+    m = jax.device_get(metrics)
+    out: dict[str, Any] = {"loss": float(m["loss"]), "grad_norm": float(m.get("grad_norm", np.nan))}
+    if "lm_loss" in m:
+        out["lm_loss"] = float(m["lm_loss"])
+        out["lm_acc"] = float(m["lm_correct"] / max(float(m["lm_count"]), 1.0))
+    if "kl" in m:
+        out["kl"] = float(m["kl"])
+    if "head_loss" in m:
+        out["head_loss"] = [float(x) for x in m["head_loss"]]
+        out["head_acc"] = [float(c / max(float(n), 1.0)) for c, n in zip(m["head_correct"], m["head_count"])]
+    if "coefficient" in m:
+        out["coefficient"] = float(m["coefficient"])
+    return out
+
+
+def load_data(cfg: TrainConfig, tokenizer, files) -> TokenizedData:
+    renderer = ChatRenderer(tokenizer, cfg.chat_template)
+    convs = [c for f in files for c in load_conversations(f)]
+    if not convs:
+        raise DataError(f"no conversations in {', '.join(files)}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return tokenize(convs, renderer, cfg.seq_len, packing=cfg.packing, pad_id=pad)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: dict  # the trained float32 state ({"lm", "heads"})
+    step: int
+    history: list[dict]  # logged metrics
+    heads_dir: str | None
+    model_dir: str | None
+
+
+class Trainer:
+    """One training run: builds everything from the config, resumes from the latest checkpoint in
+    output_dir, trains, checkpoints, logs, and exports at the end."""
+
+    def __init__(self, cfg: TrainConfig, devices=None):
+        self.cfg = cfg
+        self.mesh = make_mesh(cfg.mesh, devices)
+        check_batch(self.mesh, cfg.batch_size, cfg.grad_accum)
+        self.models = build_models(cfg)
+        self.data = load_data(cfg, self.models.tokenizer, cfg.data)
+        self.eval_data = load_data(cfg, self.models.tokenizer, cfg.eval_data) if cfg.eval_data else None
+        self.tx = make_optimizer(cfg)
+        state = dict(params=self.models.params, opt_state=self.tx.init(self.models.params), step=jnp.int32(0),
+                     rng=jax.random.key_data(jax.random.key(cfg.seed)))
+        self.state_sharding = tree_shardings(self.mesh, state)
+        self.state_sharding["step"] = self.state_sharding["rng"] = NamedSharding(self.mesh, P())
+        self.frozen_sharding = tree_shardings(self.mesh, self.models.frozen)
+        self.state = jax.device_put(state, self.state_sharding)
+        self.frozen = jax.device_put(self.models.frozen, self.frozen_sharding)
+        self.position = 0
+        self.checkpointer = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
+        self._steps: dict[bool, Any] = {}
+        self.history: list[dict] = []
+
+    def _step_fn(self, joint: bool):
+        if joint not in self._steps:
+            fn = make_train_step(self.cfg, self.models, self.tx, joint)
+            replicated = NamedSharding(self.mesh, P())
+            self._steps[joint] = jax.jit(fn, out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
+        return self._steps[joint]
+
+    def restore(self) -> bool:
+        """Continues from the latest checkpoint in output_dir, if any. Returns whether it did."""
+        restored = self.checkpointer.restore_latest(self.state, self.state_sharding)
+        if restored is None:
+            return False
+        self.state, meta = restored
+        self.position = int(meta["position"])
+        return True
+
+    def batch(self, position: int):
+        cfg = self.cfg
+        tokens, mask = get_batch(self.data, position, cfg.batch_size, cfg.seed)
+        shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, cfg.seq_len)
+        return (global_batch(self.mesh, tokens.reshape(shape), 1), global_batch(self.mesh, mask.reshape(shape), 1))
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state["step"]))
+
+    def run(self, until: int | None = None) -> TrainResult:
+        """Trains to cfg.steps (or stops after step `until` without exporting, as a killed run would)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.restore()
+        start = self.step
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or jax.process_index() != 0,
+                   desc=cfg.mode, dynamic_ncols=True)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        t_log, steps_since = time.perf_counter(), 0
+        for step in range(start, last):
+            joint = not cfg.trains_base or step >= cfg.heads_warmup_steps
+            tokens, mask = self.batch(self.position)
+            self.state, metrics = self._step_fn(joint)(self.state, self.frozen, tokens, mask)
+            self.position += cfg.batch_size
+            steps_since += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == last:
+                row = summarize(metrics)
+                now = time.perf_counter()
+                row.update(step=done, position=self.position, tokens_per_s=steps_since * tokens_per_step / (now - t_log))
+                t_log, steps_since = now, 0
+                self.history.append(row)
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.set_postfix(_postfix(row))
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                self.checkpointer.save(done, self.state, {"position": self.position, "step": done})
+        bar.close()
+        self.checkpointer.wait()
+        heads_dir = model_dir = None
+        if until is None or until >= cfg.steps:
+            if self.eval_data is not None:
+                row = dict(self.evaluate(), step=self.step, split="eval")
+                self.history.append(row)
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            heads_dir, model_dir = self.export()
+        return TrainResult(params=self.state["params"], step=self.step, history=self.history,
+                           heads_dir=heads_dir, model_dir=model_dir)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Loss and per-head accuracy over the whole eval set (no update)."""
+        cfg = self.cfg
+        loss_fn = jax.jit(partial(make_loss_fn(cfg, self.models), joint=True))
+        micro = cfg.batch_size // cfg.grad_accum
+        total = None
+        n = len(self.eval_data)
+        batches = 0
+        coefficient = losses.coefficient_at(jnp.int32(cfg.steps), cfg.steps, cfg.head_coefficient,
+                                            cfg.coefficient_schedule)
+        for i in range(0, n, micro):
+            tok = self.eval_data.tokens[i:i + micro]
+            msk = self.eval_data.mask[i:i + micro]
+            if len(tok) < micro:  # pad the last batch with rows that count nothing
+                pad = micro - len(tok)
+                tok = np.concatenate([tok, np.zeros((pad, tok.shape[1]), tok.dtype)])
+                msk = np.concatenate([msk, np.zeros((pad, msk.shape[1]), bool)])
+            _, m = loss_fn(self.state["params"], self.frozen, global_batch(self.mesh, tok),
+                           global_batch(self.mesh, msk), coefficient)
+            total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
+            batches += 1
+        for key in ("loss", "lm_loss", "kl", "head_loss"):
+            if key in total:
+                total[key] = total[key] / batches
+        return summarize(total)
+
+    def trained_modules(self) -> tuple[LlamaForCausalLM | None, MedusaHeads | None]:
+        """The trained base (when trained) and heads as float32 NNX modules on the host."""
+        from jax.experimental import multihost_utils
+
+        params = self.state["params"]
+        if jax.process_count() > 1:
+            params = multihost_utils.process_allgather(params, tiled=True)
+        params = jax.device_get(params)
+        cfg, mcfg = self.cfg, self.models.config
+        lm = heads = None
+        if "lm" in params:
+            gd = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(mcfg, dtype=jnp.float32, rngs=nnx.Rngs(0))))[0]
+            lm = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["lm"]))
+        if "heads" in params:
+            gd = nnx.split(nnx.eval_shape(lambda: MedusaHeads(
+                mcfg.hidden_size, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
+                dtype=jnp.float32, rngs=nnx.Rngs(0))))[0]
+            heads = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["heads"]))
+        return lm, heads
+
+    def export(self) -> tuple[str | None, str | None]:
+        """Writes output_dir/heads (official heads-only layout) and, when the base was trained,
+        output_dir/model (an HF model directory with the tokenizer)."""
+        lm, heads = self.trained_modules()
+        if jax.process_index() != 0:
+            return None, None
+        out = self.cfg.output_dir
+        model_dir = heads_dir = None
+        if lm is not None:
+            model_dir = os.path.join(out, "model")
+            save(Model(lm=lm, tokenizer=self.models.tokenizer), model_dir)
+        if heads is not None:
+            heads_dir = os.path.join(out, "heads")
+            save_heads(heads, heads_dir, base_model=model_dir or self.cfg.model)
+        with open(os.path.join(out, "train_config.json"), "w") as f:
+            json.dump(self.cfg.to_dict(), f, indent=2)
+        return heads_dir, model_dir
+
+
+def _postfix(row: dict) -> dict[str, str]:
+    out = {"loss": f"{row['loss']:.3f}"}
+    if "head_acc" in row:
+        out["acc"] = "/".join(f"{a:.2f}" for a in row["head_acc"])
+    if "lm_acc" in row:
+        out["lm_acc"] = f"{row['lm_acc']:.2f}"
+    out["tok/s"] = f"{row['tokens_per_s']:.0f}"
+    return out
+
+
+def train(cfg: TrainConfig, devices=None) -> TrainResult:
+    """Runs (or resumes) a training run to the end and exports heads (and the base when trained)."""
+    return Trainer(cfg, devices).run()
