@@ -174,12 +174,67 @@ def cmd_convert_model(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train Medusa heads (medusa1), heads and base jointly (medusa2), or a base LM "
+                                     "(pretrain) from a YAML config; resumes from the latest checkpoint")
+    p.add_argument("config", help="YAML training config (see configs/train/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable; mesh.fsdp=2 for nested keys)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from jaxmedusa.train import load_config, train
+    from jaxmedusa.train.sharding import maybe_initialize_distributed
+
+    cfg = load_config(args.config, args.overrides)
+    maybe_initialize_distributed()
+    result = train(cfg)
+    last = next((h for h in reversed(result.history) if h.get("split") != "eval"), {})
+    summary = {"step": result.step, "loss": last.get("loss"), "head_acc": last.get("head_acc"),
+               "lm_acc": last.get("lm_acc"), "heads": result.heads_dir, "model": result.model_dir}
+    print(json.dumps({k: v for k, v in summary.items() if v is not None}))
+    return 0
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="self-distillation: regenerate a dataset's assistant turns with the model")
+    p.add_argument("--model", required=True, help="local HF model directory (with its tokenizer)")
+    p.add_argument("--data", required=True, nargs="+", help="ShareGPT-style JSON/JSONL files")
+    p.add_argument("--out", required=True, help="output JSONL (messages with role/content)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=2048, help="KV cache slots per sequence")
+    p.add_argument("--chat-template", choices=["auto", "plain"], default="auto")
+    p.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args) -> int:
+    import jaxmedusa
+    from jaxmedusa.train.data import load_conversations, save_conversations
+    from jaxmedusa.train.distill import distill
+
+    convs = [c for path in args.data for c in load_conversations(path)][:args.limit]
+    model = jaxmedusa.load(args.model, max_len=args.max_len)
+    out = distill(model, convs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, template=args.chat_template)
+    save_conversations(args.out, out)
+    print(f"wrote {len(out)} conversations to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmedusa", description="Medusa speculative decoding in JAX")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_train(sub)
+    _add_distill(sub)
     return parser
 
 

@@ -101,3 +101,16 @@ def random_heads(lm, num_heads: int = 4, num_layers: int = 1, seed: int = 0, std
     keys = iter(jax.random.split(jax.random.key(seed + 100), len(jax.tree_util.tree_leaves(state))))
     state = jax.tree_util.tree_map(lambda x: x + std * jax.random.normal(next(keys), x.shape, x.dtype), state)
     return nnx.merge(graphdef, state)
+
+
+def save_word_tokenizer(path: str, vocab_size: int = 97) -> None:
+    """A whitespace word-level tokenizer ('<unk>', '<s>', '</s>', w3 ... wN) that AutoTokenizer loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)

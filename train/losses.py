@@ -2,7 +2,9 @@
 
 Shifts: at position t the LM head predicts tokens[t + 1] and head k (0-indexed) predicts tokens[t + k + 2].
 A target counts when it lies inside the sequence and the loss mask is set at the target's position.
-Each loss is the mean over its counted targets (0 when there are none).
+Each loss is the mean over its counted targets (0 when there are none); a caller that splits one batch
+into micro-batches passes the whole batch's target count as `denom`, so the micro-batch losses add up to
+exactly the whole batch's mean.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ class TokenLoss(NamedTuple):
     count: jax.Array  # [] counted targets
 
 
-def shifted_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array, shift: int) -> TokenLoss:
+def target_count(mask: jax.Array, shift: int) -> jax.Array:
+    """How many targets a loss with this shift counts in mask [..., T]."""
+    return jnp.sum(mask[..., shift:]).astype(jnp.float32)
+
+
+def shifted_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array, shift: int,
+                          denom: jax.Array | None = None) -> TokenLoss:
     """logits [B, T, V] at positions t predict tokens[t + shift] where mask[t + shift]."""
     t = tokens.shape[1]
     logits = logits[:, :t - shift].astype(jnp.float32)
@@ -28,35 +36,38 @@ def shifted_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
     weight = mask[:, shift:].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     count = weight.sum()
-    loss = jnp.sum(ce * weight) / jnp.maximum(count, 1.0)
+    loss = jnp.sum(ce * weight) / jnp.maximum(count if denom is None else denom, 1.0)
     correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weight)
     return TokenLoss(loss, correct, count)
 
 
-def head_losses(heads, hidden: jax.Array, lm_logits, tokens: jax.Array, mask: jax.Array) -> TokenLoss:
+def head_losses(heads, hidden: jax.Array, lm_logits, tokens: jax.Array, mask: jax.Array,
+                denoms: jax.Array | None = None) -> TokenLoss:
     """Each head's TokenLoss (fields [K]); head k's logits are recomputed in the backward pass (remat), so
     the [B, T, V] logits of one head at a time are live, not K of them."""
     out = []
     for k, head in enumerate(heads.heads):
         @jax.checkpoint
         def one(h, head=head, k=k):
-            return shifted_cross_entropy(head(h, lm_logits), tokens, mask, k + 2)
+            return shifted_cross_entropy(head(h, lm_logits), tokens, mask, k + 2,
+                                         None if denoms is None else denoms[k])
         out.append(one(hidden))
     return TokenLoss(*(jnp.stack(x) for x in zip(*out)))
 
 
-def lm_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> TokenLoss:
+def lm_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array, denom: jax.Array | None = None) -> TokenLoss:
     """The base model's next-token loss."""
-    return shifted_cross_entropy(logits, tokens, mask, 1)
+    return shifted_cross_entropy(logits, tokens, mask, 1, denom)
 
 
-def distill_kl(logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array) -> jax.Array:
+def distill_kl(logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
+               denom: jax.Array | None = None) -> jax.Array:
     """Mean KL(teacher || student) of the next-token distributions at positions whose next token counts."""
     weight = mask[:, 1:].astype(jnp.float32)
     s = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
     t = jax.nn.log_softmax(teacher_logits[:, :-1].astype(jnp.float32), -1)
     kl = jnp.sum(jnp.exp(t) * (t - s), -1)
-    return jnp.sum(kl * weight) / jnp.maximum(weight.sum(), 1.0)
+    return jnp.sum(kl * weight) / jnp.maximum(weight.sum() if denom is None else denom, 1.0)
 
 
 def head_weights(num_heads: int, coefficient, decay: float) -> jax.Array:

@@ -113,8 +113,8 @@ def build_models(cfg: TrainConfig) -> Models:
         params["heads"] = nnx.split(heads)[1]
     if cfg.trains_base:
         params["lm"] = lm_state
-        if cfg.distill_kl:
-            frozen["teacher"] = _cast(lm_state, cd)
+        if cfg.distill_kl:  # a copy: the trained params are donated to the step, the teacher must not alias them
+            frozen["teacher"] = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=cd, copy=True), lm_state)
     else:
         frozen["lm"] = _cast(lm_state, cd)
     params = _cast(params, jnp.float32)
@@ -122,10 +122,15 @@ def build_models(cfg: TrainConfig) -> Models:
 
 
 def make_loss_fn(cfg: TrainConfig, models: Models):
-    """loss(params, frozen, tokens [b, L], mask [b, L], coefficient, joint) -> (total, metrics)."""
+    """loss(params, frozen, tokens [b, L], mask [b, L], coefficient, denoms, joint) -> (total, metrics).
+
+    denoms: {"lm": [], "heads": [K]} target counts to divide by (the whole step's, under gradient
+    accumulation), or None for this batch's own counts.
+    """
     cd = jnp.dtype(cfg.compute_dtype)
 
-    def loss_fn(params, frozen, tokens, mask, coefficient, joint: bool):
+    def loss_fn(params, frozen, tokens, mask, coefficient, denoms, joint: bool):
+        denoms = denoms or {}
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cfg.trains_base:
@@ -137,19 +142,20 @@ def make_loss_fn(cfg: TrainConfig, models: Models):
         metrics = {}
         total = jnp.float32(0.0)
         if cfg.trains_base:
-            lm_l = losses.lm_loss(lm.logits(hidden), tokens, mask)
+            lm_l = losses.lm_loss(lm.logits(hidden), tokens, mask, denoms.get("lm"))
             metrics.update(lm_loss=lm_l.loss, lm_correct=lm_l.correct, lm_count=lm_l.count)
             if cfg.distill_kl:
                 teacher = nnx.merge(models.lm_graphdef, frozen["teacher"])
                 th, _ = teacher(tokens, positions, None, None)
-                kl = losses.distill_kl(lm.logits(hidden), jax.lax.stop_gradient(teacher.logits(th)), mask)
+                kl = losses.distill_kl(lm.logits(hidden), jax.lax.stop_gradient(teacher.logits(th)), mask,
+                                       denoms.get("lm"))
                 metrics["kl"] = kl
                 total = total + kl
             else:
                 total = total + lm_l.loss
         if cfg.trains_heads:
             heads = nnx.merge(models.heads_graphdef, _cast(params["heads"], cd))
-            hl = losses.head_losses(heads, hidden, lm.logits, tokens, mask)
+            hl = losses.head_losses(heads, hidden, lm.logits, tokens, mask, denoms.get("heads"))
             weights = losses.head_weights(cfg.heads, coefficient, cfg.head_decay)
             total = total + jnp.sum(weights * hl.loss)
             metrics.update(head_loss=hl.loss, head_correct=hl.correct, head_count=hl.count)
@@ -167,23 +173,21 @@ def make_train_step(cfg: TrainConfig, models: Models, tx: optax.GradientTransfor
     def step(state, frozen, tokens, mask):
         params = state["params"]
         coefficient = losses.coefficient_at(state["step"], cfg.steps, cfg.head_coefficient, cfg.coefficient_schedule)
+        # every loss is divided by the whole step's target count, so micro-batch gradients simply add up
+        denoms = {"lm": losses.target_count(mask, 1),
+                  "heads": jnp.stack([losses.target_count(mask, k + 2) for k in range(cfg.heads)])}
 
         def micro(carry, xs):
             grads, metrics = carry
-            (_, m), g = grad_fn(params, frozen, xs[0], xs[1], coefficient, joint)
+            (_, m), g = grad_fn(params, frozen, xs[0], xs[1], coefficient, denoms, joint)
             return (jax.tree_util.tree_map(jnp.add, grads, g), jax.tree_util.tree_map(jnp.add, metrics, m)), None
 
         zero_g = jax.tree_util.tree_map(jnp.zeros_like, params)
         zero_m = jax.tree_util.tree_map(jnp.zeros_like,
                                         jax.eval_shape(lambda: loss_fn(params, frozen, tokens[0], mask[0],
-                                                                       coefficient, joint)[1]))
+                                                                       coefficient, denoms, joint)[1]))
         (grads, metrics), _ = jax.lax.scan(micro, (zero_g, zero_m), (tokens, mask))
-        a = tokens.shape[0]
-        grads = jax.tree_util.tree_map(lambda g: g / a, grads)
-        for key in ("loss", "lm_loss", "kl", "head_loss"):
-            if key in metrics:
-                metrics[key] = metrics[key] / a
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["coefficient"] = coefficient
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = dict(params=optax.apply_updates(params, updates), opt_state=opt_state, step=state["step"] + 1,
@@ -196,7 +200,9 @@ def make_train_step(cfg: TrainConfig, models: Models, tx: optax.GradientTransfor
 def summarize(metrics: dict) -> dict[str, Any]:
     """Host-side numbers for logging: losses, accuracies (correct / count), per head as lists."""
     m = jax.device_get(metrics)
-    out: dict[str, Any] = {"loss": float(m["loss"]), "grad_norm": float(m.get("grad_norm", np.nan))}
+    out: dict[str, Any] = {"loss": float(m["loss"])}
+    if "grad_norm" in m:
+        out["grad_norm"] = float(m["grad_norm"])
     if "lm_loss" in m:
         out["lm_loss"] = float(m["lm_loss"])
         out["lm_acc"] = float(m["lm_correct"] / max(float(m["lm_count"]), 1.0))
@@ -329,7 +335,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Loss and per-head accuracy over the whole eval set (no update)."""
         cfg = self.cfg
-        loss_fn = jax.jit(partial(make_loss_fn(cfg, self.models), joint=True))
+        loss_fn = jax.jit(partial(make_loss_fn(cfg, self.models), denoms=None, joint=True))
         micro = cfg.batch_size // cfg.grad_accum
         total = None
         n = len(self.eval_data)
