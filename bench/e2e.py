@@ -1,0 +1,276 @@
+"""End-to-end decoding speed at real model shapes: vanilla decode vs the weight + KV streaming bound, the
+Medusa verify step's cost relative to a vanilla step for T tree nodes, and transformers' generate.
+
+    python bench/e2e.py                         # Llama-2-7B shapes, bf16, on the GPU
+    python bench/e2e.py --hf                    # + transformers' PyTorch generate (run in its own process)
+    python bench/e2e.py --smoke                 # tiny shapes, any backend (checks the script itself)
+
+Weights are random (no hub is reachable) at the real shapes; speed does not depend on their values. The
+KV cache is filled with random values up to each prompt length instead of running a prefill, so every
+(batch, prompt) pair reuses one compiled loop per batch: the attention kernels split over the *live*
+length, so the capacity does not cost time. Vanilla: `decode_loop` (the same jitted while-loop generate
+uses) over N steps. Medusa: `medusa_loop` over N steps with random heads, so nothing is accepted and
+every step verifies the whole tree; its time per step / vanilla's is the verify-step ratio the
+speedup simulation (bench/speedup_sim.py) needs. Prints tables and writes
+bench/results/e2e-DATE-DEVICE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
+                 rms_norm_eps=1e-5)
+LLAMA2_13B = dict(LLAMA2_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40)
+SMOKE = dict(LLAMA2_7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4)
+MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "smoke": SMOKE}
+
+
+def tree_of_size(t: int) -> list[list[int]]:
+    """A prefix-closed tree of t nodes (root included): the first t - 1 paths, in (depth, path) order, of
+    the cartesian tree of top-(10, 5, 3, 2) ranks, so wide near the root like the published trees."""
+    import jaxmedusa
+
+    paths = sorted(jaxmedusa.cartesian_tree([10, 5, 3, 2]), key=lambda p: (len(p), p))
+    return paths[:t - 1]
+
+
+def copy_bandwidth(n_bytes: int = 4 << 30) -> float:
+    """Bytes moved per second (read + write) by a device copy of a large array: the streaming ceiling."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return 2 * n_bytes / best
+
+
+def run_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import jaxmedusa
+    from jaxmedusa.cache import KVCache
+    from jaxmedusa.compile_cache import call_compiled
+    from jaxmedusa.config import ModelConfig
+    from jaxmedusa.generate import decode_loop
+    from jaxmedusa.heads import MedusaHeads
+    from jaxmedusa.medusa import AcceptanceParams, medusa_loop
+    from jaxmedusa.tree import build_tree
+
+    cfg = ModelConfig.from_hf_dict(MODELS[args.model])
+    dtype = jnp.dtype(args.dtype)
+    t0 = time.perf_counter()
+    lm = jaxmedusa.LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    heads = MedusaHeads.for_model(lm, 4, 1, rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(lm)
+    heads_graphdef, heads_state = nnx.split(heads)
+    jax.block_until_ready(state)
+    print(f"init {time.perf_counter() - t0:.1f}s", flush=True)
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) - cfg.vocab_size * cfg.hidden_size * \
+        dtype.itemsize * (0 if cfg.tie_word_embeddings else 1)  # the embedding table is gathered, not streamed
+    bw = copy_bandwidth() if not args.smoke else 1e11
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    n = args.steps
+    t_max = max(args.tree_sizes)
+    max_len = max(args.prompts) + n * (1 + 4) + t_max + 16
+    kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize  # bytes of K+V per token
+    rows, ratios = [], []
+    key = jax.random.key(0)
+    eos = jnp.asarray([-1], jnp.int32)
+    for b in args.batch:
+        block = jax.random.normal(key, (cfg.num_layers, 1, 256, cfg.num_kv_heads, cfg.head_dim), dtype)
+        shape = (cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim)
+        reps = (1, b, -(-max_len // 256), 1, 1)
+        k = jnp.tile(block, reps)[:, :, :max_len]
+        v = jnp.tile(block * 0.5, reps)[:, :, :max_len]
+        assert k.shape == shape
+        hidden = jax.random.normal(key, (b, cfg.hidden_size), dtype)
+        cache = KVCache(k, v, jnp.zeros((b,), jnp.int32))
+        del k, v
+
+        def vanilla(cache, p):
+            cache = cache._replace(lengths=jnp.full((b,), p, jnp.int32))
+            args_ = (state, cache, hidden, key, eos, jnp.float32(1.0), jnp.float32(1.0))
+            static = dict(graphdef=graphdef, max_new_tokens=n, greedy=True, use_top_p=False, attn_impl=None)
+            (out, counts, steps, cache), c = call_compiled(decode_loop, args_, static)
+            jax.block_until_ready(out)
+            return cache, c, int(steps)
+
+        def medusa(cache, p, tree):
+            cache = cache._replace(lengths=jnp.full((b,), p, jnp.int32))
+            params = AcceptanceParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.09), jnp.float32(0.3))
+            args_ = (state, heads_state, cache, hidden, key, eos, params)
+            static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=tree, max_new_tokens=n,
+                          acceptance="greedy", use_top_p=False, attn_impl=None)
+            (out, counts, st, cache), c = call_compiled(medusa_loop, args_, static)
+            jax.block_until_ready(out)
+            return cache, c, int(st.steps)
+
+        def timed(fn, cache, *a):
+            cache, compile_s, _ = fn(cache, *a)  # warm-up (and compile)
+            best, steps = float("inf"), 0
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                cache, _, steps = fn(cache, *a)
+                best = min(best, time.perf_counter() - t0)
+            return cache, best / steps, compile_s
+
+        for p in args.prompts:
+            cache, step_s, compile_s = timed(vanilla, cache, p)
+            kv = kv_row * b * (p + n / 2)  # the cache read per step, averaged over the run
+            bound_s = (param_bytes + kv) / bw
+            row = dict(batch=b, prompt=p, step_ms=step_s * 1e3, tokens_per_s=b / step_s,
+                       bound_tokens_per_s=b / bound_s, fraction_of_bound=bound_s / step_s, compile_s=compile_s)
+            rows.append(row)
+            print(f"vanilla B={b} P={p}: {row['step_ms']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s, "
+                  f"{100 * row['fraction_of_bound']:.0f}% of the {row['bound_tokens_per_s']:.1f} tok/s bound "
+                  f"(compile {compile_s:.1f}s)", flush=True)
+        if b not in args.tree_batch:
+            continue
+        vanilla_ms = {r["prompt"]: r["step_ms"] for r in rows if r["batch"] == b}
+        for t in args.tree_sizes:
+            tree = build_tree(tree_of_size(t), num_heads=4)
+            for p in args.tree_prompts:
+                cache, step_s, compile_s = timed(medusa, cache, p, tree)
+                r = dict(batch=b, prompt=p, tree_nodes=t, step_ms=step_s * 1e3,
+                         ratio=step_s * 1e3 / vanilla_ms[p] if p in vanilla_ms else None, compile_s=compile_s)
+                ratios.append(r)
+                print(f"medusa B={b} P={p} T={t}: {r['step_ms']:.2f} ms/step, "
+                      f"{r['ratio'] if r['ratio'] is None else round(r['ratio'], 3)}x vanilla (compile {compile_s:.1f}s)",
+                      flush=True)
+        del cache
+    return dict(copy_bandwidth=bw, param_bytes=param_bytes, vanilla=rows, verify=ratios)
+
+
+def run_hf(args) -> list[dict]:
+    """transformers' LlamaForCausalLM.generate (greedy, bf16, sdpa) at the same shapes, random weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = dict(MODELS[args.model])
+    d.pop("architectures")
+    cfg = LlamaConfig(**d)
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if dev == "cuda" else torch.float32).eval()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    rows = []
+    for b in args.batch:
+        for p in args.prompts:
+            ids = torch.randint(3, cfg.vocab_size, (b, p), device=dev)
+            kw = dict(max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False,
+                      attention_mask=torch.ones_like(ids), pad_token_id=0)
+            with torch.no_grad():
+                model.generate(ids, **dict(kw, max_new_tokens=4, min_new_tokens=4))
+                sync()
+                t0 = time.perf_counter()
+                model.generate(ids, **dict(kw, max_new_tokens=1, min_new_tokens=1))  # prefill alone
+                sync()
+                t1 = time.perf_counter()
+                model.generate(ids, **kw)
+                sync()
+                t2 = time.perf_counter()
+            decode_s = (t2 - t1) - (t1 - t0)
+            row = dict(batch=b, prompt=p, tokens_per_s=b * (args.steps - 1) / decode_s,
+                       step_ms=decode_s / (args.steps - 1) * 1e3)
+            rows.append(row)
+            print(f"transformers B={b} P={p}: {row['step_ms']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s", flush=True)
+    return rows
+
+
+def device_name() -> str:
+    import jax
+
+    sys.path.insert(0, HERE)
+    from decode import device_name as name
+
+    return name() if jax.devices() else "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama2-7b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[128, 1024, 4096, 8192])
+    ap.add_argument("--tree-batch", type=int, nargs="+", default=[1, 4], help="batches to sweep T on")
+    ap.add_argument("--tree-prompts", type=int, nargs="+", default=[128, 1024, 4096, 8192])
+    ap.add_argument("--tree-sizes", type=int, nargs="+", default=[2, 16, 32, 48, 64, 80, 96, 112])
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--hf", action="store_true", help="also time transformers' generate (in a subprocess)")
+    ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, any backend")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        args.model, args.dtype, args.prompts, args.tree_prompts = "smoke", "float32", [16, 64], [16, 64]
+        args.batch, args.tree_batch, args.tree_sizes, args.steps = [1, 2], [2], [2, 16], 4
+    if args.hf_only:
+        print(json.dumps(run_hf(args)))
+        return
+    import jax
+
+    result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
+                  model=args.model, dtype=args.dtype, args=vars(args))
+    out = args.out or os.path.join(HERE, "results", f"e2e-{result['date']}-{result['device'].replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    result.update(run_jax(args))
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    if args.hf:
+        jax.clear_caches()
+        for x in jax.live_arrays():
+            x.delete()
+        cmd = [sys.executable, os.path.abspath(__file__), "--hf-only", "--model", args.model, "--batch",
+               *map(str, args.batch), "--prompts", *map(str, args.prompts), "--steps", str(args.steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_MODULE_LOADING="LAZY"))
+        sys.stderr.write(proc.stderr[-3000:])
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+        result["transformers"] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("[")))
+    print(f"\nmodel {args.model} {args.dtype}, {result['device']}, jax {jax.__version__}; "
+          f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s")
+    print(f"{'B':>3} {'prompt':>6} {'ms/step':>8} {'tok/s':>8} {'bound tok/s':>11} {'% bound':>8} {'HF tok/s':>9} {'vs HF':>6}")
+    hf = {(r["batch"], r["prompt"]): r for r in result.get("transformers", []) if isinstance(r, dict)}
+    for r in result["vanilla"]:
+        h = hf.get((r["batch"], r["prompt"]))
+        print(f"{r['batch']:>3} {r['prompt']:>6} {r['step_ms']:>8.2f} {r['tokens_per_s']:>8.1f} "
+              f"{r['bound_tokens_per_s']:>11.1f} {100 * r['fraction_of_bound']:>7.0f}% "
+              f"{h['tokens_per_s'] if h else float('nan'):>9.1f} "
+              f"{r['tokens_per_s'] / h['tokens_per_s'] if h else float('nan'):>6.2f}")
+    print("\nverify step / vanilla step (random heads: the whole tree every step)")
+    for b in sorted({r["batch"] for r in result["verify"]}):
+        sizes = sorted({r["tree_nodes"] for r in result["verify"] if r["batch"] == b})
+        print(f"B={b}  {'prompt':>6} " + " ".join(f"T={t:<5}" for t in sizes))
+        for p in sorted({r["prompt"] for r in result["verify"] if r["batch"] == b}):
+            cells = {r["tree_nodes"]: r["ratio"] for r in result["verify"] if r["batch"] == b and r["prompt"] == p}
+            print(f"     {p:>6} " + " ".join(f"{cells[t]:<7.3f}" if cells.get(t) else f"{'-':<7}" for t in sizes))
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
