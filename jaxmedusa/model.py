@@ -59,7 +59,7 @@ class Attention(nnx.Module):
             return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), None
         ck = write_kv(cache.k, layer, k, cache.lengths)
         cv = write_kv(cache.v, layer, v, cache.lengths)
-        o = attention(q, ck[layer], cv[layer], cache.lengths, tree_mask, prefill=prefill, impl=attn_impl)
+        o = attention(q, ck, cv, cache.lengths, tree_mask, prefill=prefill, impl=attn_impl, layer=layer)
         return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache._replace(k=ck, v=cv)
 
 

@@ -90,16 +90,20 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, r_ref, l_ref, *, block_k
 
 
 def _prefix_partials(q4, k, v, lengths, *, sm_scale, phi, block_m, block_k, num_splits, num_warps, num_stages,
-                     interpret):
-    """q4 [B, KVH, Mp, D] over cache k/v [B, S, KVH, D] slots [0, lengths).
+                     interpret, layer):
+    """q4 [B, KVH, Mp, D] over cache k/v [B, S, KVH, D] slots [0, lengths) (or layer `layer` of a stacked
+    cache [L, B, S, KVH, D], read in place: slicing the layer out first would copy it every call).
 
     Returns float32 partials o [B, KVH, splits, Mp, D], r (reference), l [B, KVH, splits, Mp].
     """
     b, kvh, mp, d = q4.shape
-    s = k.shape[1]
+    s = k.shape[-3]
     grid = (b, kvh, mp // block_m, num_splits)
     kernel = functools.partial(_prefix_kernel, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale, phi=phi)
-    kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, mt, sp: (bi, 0, h, 0))
+    if layer is None:
+        kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, mt, sp: (bi, 0, h, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, None, s, None, d), lambda bi, h, mt, sp: (layer, bi, 0, h, 0))
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -125,15 +129,18 @@ def _prefix_partials(q4, k, v, lengths, *, sm_scale, phi, block_m, block_k, num_
     )(lengths.astype(jnp.int32), q4, k, v)
 
 
-def _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi):
+def _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi, layer):
     """The T x T tree part in plain JAX: q5 [B, KVH, T, G, D] over tree slots [lengths, lengths + T).
 
     Returns o [B, KVH, T, G, D], r, l [B, KVH, T, G] (float32), with the kernel's reference convention.
     """
-    t = q5.shape[2]
-    slots = (lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :])[:, :, None, None]
-    kt = jnp.take_along_axis(k, slots, axis=1, mode="clip")  # [B, T, KVH, D]
-    vt = jnp.take_along_axis(v, slots, axis=1, mode="clip")
+    b, t = q5.shape[0], q5.shape[2]
+    slots = jnp.minimum(lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], k.shape[-3] - 1)
+    rows = jnp.arange(b)[:, None]
+    if layer is None:
+        kt, vt = k[rows, slots], v[rows, slots]  # [B, T, KVH, D], gathered without slicing the cache
+    else:
+        kt, vt = k[layer, rows, slots], v[layer, rows, slots]
     s = jnp.einsum("bktgd,bukd->bktgu", q5, kt, preferred_element_type=jnp.float32) * sm_scale
     s = jnp.where(tree_mask[None, None, :, None, :], s, -jnp.inf)
     mx = jnp.maximum(jnp.max(s, axis=-1), _NEG)
@@ -170,7 +177,7 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int
 
 
 def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, block_k, num_splits, num_warps,
-            num_stages, interpret):
+            num_stages, interpret, layer=None):
     """q5 [B, KVH, T, G, D]: prefix kernel (+ tree block when tree_mask is given), merged -> same shape."""
     b, kvh, t, g, d = q5.shape
     rows = t * g
@@ -179,7 +186,7 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     mp = pl.cdiv(rows, block_m) * block_m
     # bench/tune_tree.py on an H100: 8 warps pay off only for the largest tile
     num_warps = num_warps or (8 if block_m >= 128 and block_k >= 128 else 4)
-    num_splits = num_splits or default_num_splits(b, kvh, mp // block_m, k.shape[1], block_k)
+    num_splits = num_splits or default_num_splits(b, kvh, mp // block_m, k.shape[-3], block_k)
     _check_tuning(d, block_m, block_k, num_splits)
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     q4 = jnp.pad(q5.reshape(b, kvh, rows, d), ((0, 0), (0, 0), (0, mp - rows), (0, 0)))
@@ -187,33 +194,37 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     phi = None if unified_max is None else float(unified_max)
     o, r, l = _prefix_partials(q4, k, v, lengths, sm_scale=sm_scale, phi=phi, block_m=block_m, block_k=block_k,
                                num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                               interpret=interpret)
+                               interpret=interpret, layer=layer)
     o = o[:, :, :, :rows].reshape(b, kvh, num_splits, t, g, d)
     r = r[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
     l = l[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
     if tree_mask is not None:
-        to, tr, tl = _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi)
+        to, tr, tl = _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi, layer)
         o = jnp.concatenate([o, to[:, :, None]], axis=2)
         r = jnp.concatenate([r, tr[:, :, None]], axis=2)
         l = jnp.concatenate([l, tl[:, :, None]], axis=2)
     return _merge(o, r, l)
 
 
-_STATIC = ("sm_scale", "unified_max", "block_m", "block_k", "num_splits", "num_warps", "num_stages", "interpret")
+_STATIC = ("sm_scale", "unified_max", "block_m", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
+           "layer")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, sm_scale: float | None = None,
                      unified_max: float | None = 0.0, block_m: int | None = None, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                     interpret: bool = False) -> jax.Array:
-    """q [B, H, D] over k/v [B, S, KVH, D] slots [0, lengths) -> [B, H, D]; GQA by grouping heads per KV head."""
+                     interpret: bool = False, layer: int | None = None) -> jax.Array:
+    """q [B, H, D] over k/v [B, S, KVH, D] slots [0, lengths) -> [B, H, D]; GQA by grouping heads per KV head.
+
+    layer: k/v are a stacked cache [L, B, S, KVH, D] and this layer is read in place.
+    """
     b, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[-2]
     q5 = q.reshape(b, kvh, 1, h // kvh, d)
     out = _attend(q5, k, v, lengths.astype(jnp.int32), None, sm_scale=sm_scale, unified_max=unified_max,
                   block_m=block_m, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-                  num_stages=num_stages, interpret=interpret)
+                  num_stages=num_stages, interpret=interpret, layer=layer)
     return out.reshape(b, h, d).astype(q.dtype)
 
 
@@ -221,13 +232,13 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
 def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree_mask: jax.Array, *,
                    sm_scale: float | None = None, unified_max: float | None = 0.0, block_m: int | None = None,
                    block_k: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
-                   num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                   num_stages: int = 2, interpret: bool = False, layer: int | None = None) -> jax.Array:
     """q [B, T, H, D] for T tree tokens whose K/V sit at slots [lengths, lengths + T): each sees the prefix
-    [0, lengths) and the tree slots tree_mask [T, T] allows -> [B, T, H, D]."""
+    [0, lengths) and the tree slots tree_mask [T, T] allows -> [B, T, H, D]. `layer` as in decode_attention."""
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[-2]
     q5 = jnp.transpose(q.reshape(b, t, kvh, h // kvh, d), (0, 2, 1, 3, 4))
     out = _attend(q5, k, v, lengths.astype(jnp.int32), tree_mask.astype(bool), sm_scale=sm_scale,
                   unified_max=unified_max, block_m=block_m, block_k=block_k, num_splits=num_splits,
-                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                  num_warps=num_warps, num_stages=num_stages, interpret=interpret, layer=layer)
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, h, d).astype(q.dtype)

@@ -153,3 +153,21 @@ def test_model_logits_with_kernels_equal_reference_path():
         outs[impl] = (np.asarray(lm.logits(h1)), np.asarray(lm.logits(h6)))
     for a, b in zip(outs["reference"], outs["interpret"]):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_kernels_read_one_layer_of_a_stacked_cache_in_place():
+    rng = np.random.default_rng()
+    b, s, h, kvh, d, t, layers = 2, 96, 4, 2, 32, 5, 3
+    lengths = jnp.asarray([40, 77], jnp.int32)
+    mask = jnp.asarray(published_tree_mask()[:t, :t])
+    qd, _, _ = random_inputs(rng, b, s, h, kvh, d, jnp.float32)
+    qt, _, _ = random_inputs(rng, b, s, h, kvh, d, jnp.float32, t=t)
+    k = jnp.asarray(rng.standard_normal((layers, b, s, kvh, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((layers, b, s, kvh, d)), jnp.float32)
+    for layer in range(layers):
+        got = decode_attention(qd, k, v, lengths, layer=layer, interpret=True)
+        want = decode_attention_reference(qd, k[layer], v[layer], lengths)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        got = tree_attention(qt, k, v, lengths, mask, layer=layer, interpret=True)
+        want = tree_attention_reference(qt, k[layer], v[layer], lengths, mask)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
