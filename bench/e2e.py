@@ -199,6 +199,19 @@ def run_hf(args) -> list[dict]:
     return rows
 
 
+def run_hf_subprocess(args) -> list[dict] | dict:
+    """run_hf in its own process, so PyTorch and JAX never hold the GPU's memory at the same time."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--hf-only", "--model", args.model, "--batch",
+           *map(str, args.batch), "--prompts", *map(str, args.prompts), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("[")), flush=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    if not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
 def device_name() -> str:
     import jax
 
@@ -230,6 +243,7 @@ def main() -> None:
     if args.hf_only:
         print(json.dumps(run_hf(args)))
         return
+    hf_rows = run_hf_subprocess(args) if args.hf else None  # before JAX takes the GPU's memory
     import jax
 
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
@@ -237,23 +251,15 @@ def main() -> None:
     out = args.out or os.path.join(HERE, "results", f"e2e-{result['date']}-{result['device'].replace(' ', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     result.update(run_jax(args))
+    if hf_rows is not None:
+        result["transformers"] = hf_rows
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    if args.hf:
-        jax.clear_caches()
-        for x in jax.live_arrays():
-            x.delete()
-        cmd = [sys.executable, os.path.abspath(__file__), "--hf-only", "--model", args.model, "--batch",
-               *map(str, args.batch), "--prompts", *map(str, args.prompts), "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_MODULE_LOADING="LAZY"))
-        sys.stderr.write(proc.stderr[-3000:])
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-        result["transformers"] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
-        print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("[")))
     print(f"\nmodel {args.model} {args.dtype}, {result['device']}, jax {jax.__version__}; "
           f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s")
     print(f"{'B':>3} {'prompt':>6} {'ms/step':>8} {'tok/s':>8} {'bound tok/s':>11} {'% bound':>8} {'HF tok/s':>9} {'vs HF':>6}")
-    hf = {(r["batch"], r["prompt"]): r for r in result.get("transformers", []) if isinstance(r, dict)}
+    hf_list = result.get("transformers")
+    hf = {(r["batch"], r["prompt"]): r for r in hf_list} if isinstance(hf_list, list) else {}
     for r in result["vanilla"]:
         h = hf.get((r["batch"], r["prompt"]))
         print(f"{r['batch']:>3} {r['prompt']:>6} {r['step_ms']:>8.2f} {r['tokens_per_s']:>8.1f} "
