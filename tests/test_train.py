@@ -62,6 +62,19 @@ def flat(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
 
+def assert_same_training(a, b):
+    """Two runs did the same arithmetic up to fp32 summation order: the loss and gradient norm of every
+    step agree tightly; the parameters agree per tensor by norm. (Element by element they need not: AdamW
+    divides each gradient by its own magnitude, so a weight whose gradient is ~0, an embedding row seen
+    once, moves by a different fraction of the learning rate when its tiny gradient is summed in another
+    order.)"""
+    assert a.step == b.step
+    for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-4)):
+        np.testing.assert_allclose([h[key] for h in a.history], [h[key] for h in b.history], rtol=rtol)
+    for x, y in zip(flat(a.params), flat(b.params)):
+        assert np.linalg.norm(x - y) <= 1e-4 * np.linalg.norm(x) + 1e-7, (np.linalg.norm(x - y), x.shape)
+
+
 # ---- config -------------------------------------------------------------------------------------------
 
 def test_config_yaml_overrides_and_relative_paths(tmp_path):
@@ -247,10 +260,9 @@ def test_kill_and_resume_equals_uninterrupted(run_dir, tmp_path):
 
 
 def test_grad_accumulation_equals_one_big_batch(run_dir, tmp_path):
-    a = Trainer(make_cfg(run_dir, str(tmp_path / "a"), steps=2)).run(until=2)
-    b = Trainer(make_cfg(run_dir, str(tmp_path / "b"), steps=2, grad_accum=2)).run(until=2)
-    for x, y in zip(flat(a.params), flat(b.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    a = Trainer(make_cfg(run_dir, str(tmp_path / "a"), steps=3)).run(until=3)
+    b = Trainer(make_cfg(run_dir, str(tmp_path / "b"), steps=3, grad_accum=2)).run(until=3)
+    assert_same_training(a, b)
 
 
 def test_medusa2_warmup_freezes_base_then_trains_it_and_exports_model(run_dir, tmp_path):
@@ -293,7 +305,7 @@ def test_four_device_mesh_equals_one_device(run_dir, tmp_path):
 import numpy as np, jax, sys
 sys.path.insert(0, {TESTS!r})
 assert len(jax.devices()) == 4
-from test_train import make_cfg, flat
+from test_train import make_cfg, assert_same_training
 from jaxmedusa.train import Trainer
 from jaxmedusa.train.config import MeshConfig
 import dataclasses
@@ -304,14 +316,8 @@ t = Trainer(cfg)
 assert any("fsdp" in str(s.spec) for s in jax.tree_util.tree_leaves(t.state_sharding["params"]))
 four = t.run()
 assert one.step == four.step == 3
-loss1, loss4 = [[h["loss"] for h in r.history] for r in (one, four)]
-np.testing.assert_allclose(loss1, loss4, rtol=1e-5)  # the same loss at every step
-# parameters after 3 AdamW steps: Adam divides each gradient by its own magnitude, so a weight whose
-# gradient is ~0 (an embedding row seen once) can move differently when the sum runs in another order;
-# compared per tensor, by norm, the runs agree to fp32 precision
-for a, b in zip(flat(one.params), flat(four.params)):
-    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a) + 1e-7, (np.linalg.norm(a - b), a.shape)
-print("OK", len(flat(one.params)))
+assert_same_training(one, four)
+print("OK")
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
