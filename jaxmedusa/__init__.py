@@ -9,9 +9,10 @@ from .heads_io import load_heads, save_heads
 from .loading import Model, load, save
 from .tree import TreeError, build_tree, cartesian_tree, chain_tree, published_trees
 from .model import LlamaForCausalLM
+from .opt import OPTForCausalLM
 
 __version__ = "0.1.0"
 
 __all__ = ["KVCache", "CheckpointError", "ConfigError", "ModelConfig", "GenerationResult", "generate", "stream", "Model",
            "load", "save", "MedusaHeads", "load_heads", "save_heads", "TreeError", "build_tree",
-           "cartesian_tree", "chain_tree", "published_trees", "LlamaForCausalLM", "__version__"]
+           "cartesian_tree", "chain_tree", "published_trees", "LlamaForCausalLM", "OPTForCausalLM", "__version__"]

@@ -76,17 +76,20 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def read_params(files: list[str], table: list[ParamEntry], dtype, *, optional: set[str] = frozenset(),
-                claim=None) -> dict[tuple, np.ndarray]:
+                claim=None, rename=None) -> dict[tuple, np.ndarray]:
     """Maps checkpoint tensors onto model paths (cast to dtype, transposed) following `table`.
 
     `claim(key, array) -> bool` lets a caller take keys the table does not cover (Medusa heads inside
-    a full checkpoint). Raises CheckpointError for unexpected, duplicate or missing keys and bad shapes.
+    a full checkpoint); `rename(key) -> key` maps other spellings of a key onto the table's. Raises
+    CheckpointError for unexpected, duplicate or missing keys and bad shapes.
     """
     by_key = {e.hf_key: e for e in table}
     out: dict[tuple, np.ndarray] = {}
     seen: set[str] = set()
     unexpected: list[str] = []
     for key, arr in iter_tensors(files):
+        if rename is not None:
+            key = rename(key)
         if key in seen:
             raise CheckpointError(f"key {key!r} appears twice in the checkpoint")
         seen.add(key)

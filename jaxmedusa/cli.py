@@ -144,7 +144,7 @@ def _heads_sizes(tensors, model_dir):
         from .config import ModelConfig
 
         cfg = ModelConfig.from_json(model_dir)
-        return cfg.hidden_size, cfg.vocab_size
+        return cfg.embed_dim, cfg.vocab_size
     for key, arr in tensors.items():
         if key.endswith(".linear.bias"):
             hidden = arr.shape[0]

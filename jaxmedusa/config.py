@@ -1,7 +1,9 @@
 """ModelConfig: the frozen, hashable description of a base model, built from a Hugging Face config.json.
 
-Both config.json dialects are read: the classic one (`rope_theta` + `rope_scaling`) and transformers 5's
-(`rope_parameters`). Validation happens here, once, and every error names the field at fault.
+Two families: Llama (Llama 1/2/3, Vicuna, Mistral, Zephyr: RMSNorm, RoPE, SwiGLU) and OPT (LayerNorm with
+bias, learned positions, ReLU MLP, biases, optional project_in/out). For Llama both config.json dialects
+are read: the classic one (`rope_theta` + `rope_scaling`) and transformers 5's (`rope_parameters`).
+Validation happens here, once, and every error names the field at fault.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import json
 import os
 from typing import Any, Mapping
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "OPTForCausalLM")
+_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "opt": "OPTForCausalLM"}
+OPT_ACTIVATIONS = ("relu", "gelu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -53,6 +56,13 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # OPT only
+    word_embed_proj_dim: int | None = None  # token-embedding width when it differs from hidden (350m)
+    do_layer_norm_before: bool = True  # pre-LN (all OPTs but 350m)
+    final_layer_norm: bool = True
+    layer_norm_affine: bool = True
+    activation: str = "silu"
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -69,6 +79,16 @@ class ModelConfig:
                               f"{', '.join(SUPPORTED_ROPE_TYPES)}")
 
     @property
+    def family(self) -> str:
+        """"opt" or "llama" (Llama and Mistral share one implementation)."""
+        return "opt" if self.architecture == "OPTForCausalLM" else "llama"
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings, of the final hidden states the LM head (and Medusa heads) read."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+    @property
     def group_size(self) -> int:
         """Query heads per KV head (1 = MHA, >1 = GQA)."""
         return self.num_heads // self.num_kv_heads
@@ -77,6 +97,8 @@ class ModelConfig:
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Builds a config from the contents of an HF config.json."""
         arch = _architecture(d)
+        if arch == "OPTForCausalLM":
+            return _opt_from_hf(d)
         try:
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
@@ -115,6 +137,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF config.json dict that from_hf_dict (and transformers) read back as this config."""
+        if self.family == "opt":
+            return _opt_to_hf(self)
         model_type = {v: k for k, v in _MODEL_TYPE_TO_ARCH.items()}[self.architecture]
         rope: dict[str, Any] = {"rope_type": self.rope.type, "rope_theta": self.rope.theta}
         if self.rope.type != "default":
@@ -151,6 +175,55 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_hf_dict(d)
+
+
+def _eos_tuple(eos) -> tuple[int, ...]:
+    ids = eos if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    return tuple(int(e) for e in ids)
+
+
+def _opt_from_hf(d: Mapping[str, Any]) -> ModelConfig:
+    try:
+        hidden = int(d["hidden_size"])
+        heads = int(d["num_attention_heads"])
+        layers = int(d["num_hidden_layers"])
+        vocab = int(d["vocab_size"])
+        ffn = int(d["ffn_dim"])
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks the required field {e.args[0]!r}") from None
+    act = d.get("activation_function", "relu")
+    if act not in OPT_ACTIVATIONS:
+        raise ConfigError(f"activation_function {act!r} is not supported for OPT; supported: "
+                          f"{', '.join(OPT_ACTIVATIONS)}")
+    if hidden % heads:
+        raise ConfigError(f"hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
+    proj = d.get("word_embed_proj_dim") or hidden
+    pre_ln = bool(d.get("do_layer_norm_before", True))
+    return ModelConfig(
+        architecture="OPTForCausalLM", vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)), rms_norm_eps=1e-5,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        attention_bias=bool(d.get("enable_bias", True)), mlp_bias=bool(d.get("enable_bias", True)),
+        bos_token_id=d.get("bos_token_id"), eos_token_ids=_eos_tuple(d.get("eos_token_id")),
+        word_embed_proj_dim=int(proj) if int(proj) != hidden else None, do_layer_norm_before=pre_ln,
+        final_layer_norm=pre_ln and not d.get("_remove_final_layer_norm", False),
+        layer_norm_affine=bool(d.get("layer_norm_elementwise_affine", True)), activation=act,
+        pad_token_id=d.get("pad_token_id"))
+
+
+def _opt_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "ffn_dim": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "max_position_embeddings": c.max_position_embeddings,
+        "word_embed_proj_dim": c.embed_dim, "do_layer_norm_before": c.do_layer_norm_before,
+        "_remove_final_layer_norm": c.do_layer_norm_before and not c.final_layer_norm,
+        "layer_norm_elementwise_affine": c.layer_norm_affine, "activation_function": c.activation,
+        "enable_bias": c.attention_bias, "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
+        "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) != 1 else c.eos_token_ids[0],
+    }
 
 
 def _architecture(d: Mapping[str, Any]) -> str:

@@ -59,7 +59,7 @@ class MedusaHeads(nnx.Module):
                   rngs: nnx.Rngs | None = None) -> "MedusaHeads":
         """Heads sized for `lm`, each projection initialised from the base lm_head (the usual recipe)."""
         cfg = lm.config
-        heads = cls(cfg.hidden_size, cfg.vocab_size, num_heads, num_layers, shared_lm_head=shared_lm_head,
+        heads = cls(cfg.embed_dim, cfg.vocab_size, num_heads, num_layers, shared_lm_head=shared_lm_head,
                     dtype=lm.dtype, rngs=rngs)
         if not shared_lm_head:
             base = lm.embed_tokens.embedding[...].T if lm.lm_head is None else lm.lm_head.kernel[...]

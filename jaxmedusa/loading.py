@@ -15,8 +15,8 @@ from flax import nnx
 from .checkpoint import export_params, read_params, save_tensors, weight_files
 from .config import ConfigError, ModelConfig
 from .heads_io import configured_layers, heads_from_state_dict, load_heads
-from .model import LlamaForCausalLM
-from .params import llama_param_table, optional_keys
+from .architectures import CausalLM, abstract_lm
+from .params import normalize_key, optional_keys, param_table
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -25,7 +25,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 class Model:
     """What generate() runs: the NNX language model, its config, the cache size, and optional tokenizer."""
 
-    lm: LlamaForCausalLM
+    lm: CausalLM
     max_len: int = 2048
     tokenizer: Any = None
     eos_token_ids: tuple[int, ...] = ()
@@ -66,9 +66,9 @@ def default_dtype(checkpoint_dtype: str | None):
     return {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(checkpoint_dtype), jnp.float32)
 
 
-def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype) -> LlamaForCausalLM:
-    """An LlamaForCausalLM whose parameters are exactly `params` (path -> array), with no random init."""
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype) -> CausalLM:
+    """The config's model whose parameters are exactly `params` (path -> array), with no random init."""
+    abstract = abstract_lm(cfg, dtype)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
@@ -99,7 +99,7 @@ def load_tokenizer(model_dir: str):
 
 def load(path: str | os.PathLike, *, heads: str | os.PathLike | None = None, dtype=None,
          max_len: int = 2048) -> Model:
-    """Loads a local HF Llama/Mistral model directory (config.json + safetensors or .bin weights).
+    """Loads a local HF Llama/Mistral/OPT model directory (config.json + safetensors or .bin weights).
 
     heads: a Medusa heads-only directory (medusa_lm_head.safetensors/.pt + config.json). A full Medusa-2
     directory (medusa_head.* tensors inside the model weights) brings its heads without this argument.
@@ -113,6 +113,9 @@ def load(path: str | os.PathLike, *, heads: str | os.PathLike | None = None, dty
     if cfg.sliding_window is not None and max_len > cfg.sliding_window:
         raise ConfigError(f"max_len {max_len} exceeds the model's sliding_window {cfg.sliding_window}; "
                           f"sliding-window attention is not implemented, use max_len <= {cfg.sliding_window}")
+    if cfg.family == "opt" and max_len > cfg.max_position_embeddings:
+        raise ConfigError(f"max_len {max_len} exceeds the OPT model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings} (its learned positions end there)")
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f)
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype(raw.get("torch_dtype") or raw.get("dtype"))
@@ -124,28 +127,28 @@ def load(path: str | os.PathLike, *, heads: str | os.PathLike | None = None, dty
             return True
         return False
 
-    params = read_params(weight_files(model_dir), llama_param_table(cfg), dtype, optional=optional_keys(cfg),
-                         claim=claim)
+    params = read_params(weight_files(model_dir), param_table(cfg), dtype, optional=optional_keys(cfg),
+                         claim=claim, rename=lambda key: normalize_key(cfg, key))
     lm = build_model(cfg, params, dtype)
     medusa_heads = None
     if heads is not None:
-        medusa_heads = load_heads(os.fspath(heads), hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=dtype)
+        medusa_heads = load_heads(os.fspath(heads), hidden=cfg.embed_dim, vocab=cfg.vocab_size, dtype=dtype)
     elif embedded:
-        medusa_heads = heads_from_state_dict(embedded, hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=dtype,
+        medusa_heads = heads_from_state_dict(embedded, hidden=cfg.embed_dim, vocab=cfg.vocab_size, dtype=dtype,
                                              num_layers=configured_layers(raw),
                                              source=f"medusa_head.* tensors of {model_dir}")
     return Model(lm=lm, max_len=max_len, tokenizer=load_tokenizer(model_dir),
                  eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads)
 
 
-def save(model: Model | LlamaForCausalLM, path: str | os.PathLike, *, dtype=None,
+def save(model: Model | CausalLM, path: str | os.PathLike, *, dtype=None,
          max_shard_bytes: int | None = None) -> None:
     """Writes an HF model directory (config.json + safetensors) that load() and transformers both read."""
     lm = model.lm if isinstance(model, Model) else model
     model_dir = os.fspath(path)
     os.makedirs(model_dir, exist_ok=True)
     flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))}
-    tensors = export_params(flat, llama_param_table(lm.config))
+    tensors = export_params(flat, param_table(lm.config))
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     cfg = lm.config.to_hf_dict()

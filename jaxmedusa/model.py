@@ -33,7 +33,20 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * xf.astype(x.dtype)
 
 
-def _linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, prefill: bool, attn_impl):
+    """Writes k/v [B, T, KVH, D] into the cache at [lengths, lengths + T) and attends q [B, T, H, D] over it.
+
+    cache=None: causal attention over these T tokens alone (training). Returns (o [B, T, H, D], cache).
+    """
+    if cache is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True), None
+    ck = write_kv(cache.k, layer, k, cache.lengths)
+    cv = write_kv(cache.v, layer, v, cache.lengths)
+    o = attention(q, ck, cv, cache.lengths, tree_mask, prefill=prefill, impl=attn_impl, layer=layer)
+    return o, cache._replace(k=ck, v=cv)
+
+
+def linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(cfg_in, cfg_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
                       kernel_init=nnx.initializers.normal(0.02))
 
@@ -41,10 +54,10 @@ def _linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
-        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
-        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
-        self.o_proj = _linear(cfg.num_heads * d, h, cfg.attention_bias, dtype, rngs)
+        self.q_proj = linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
+        self.k_proj = linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.v_proj = linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.o_proj = linear(cfg.num_heads * d, h, cfg.attention_bias, dtype, rngs)
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, tree_mask, prefill: bool, attn_impl):
@@ -54,13 +67,8 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:  # training: causal attention over these tokens, no cache
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-            return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), None
-        ck = write_kv(cache.k, layer, k, cache.lengths)
-        cv = write_kv(cache.v, layer, v, cache.lengths)
-        o = attention(q, ck, cv, cache.lengths, tree_mask, prefill=prefill, impl=attn_impl, layer=layer)
-        return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache._replace(k=ck, v=cv)
+        o, cache = cached_attention(q, k, v, cache, layer, tree_mask, prefill, attn_impl)
+        return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -68,9 +76,9 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(h, i, cfg.mlp_bias, dtype, rngs)
-        self.up_proj = _linear(h, i, cfg.mlp_bias, dtype, rngs)
-        self.down_proj = _linear(i, h, cfg.mlp_bias, dtype, rngs)
+        self.gate_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
+        self.up_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
+        self.down_proj = linear(i, h, cfg.mlp_bias, dtype, rngs)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -101,7 +109,7 @@ class LlamaForCausalLM(nnx.Module):
                                       rngs=rngs, embedding_init=nnx.initializers.normal(0.02))
         self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False,
+        self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.hidden_size, cfg.vocab_size, False,
                                                                      dtype, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, tree_mask: jax.Array | None,

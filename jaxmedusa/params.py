@@ -48,6 +48,54 @@ def llama_param_table(cfg: ModelConfig) -> list[ParamEntry]:
     return table
 
 
+def opt_param_table(cfg: ModelConfig) -> list[ParamEntry]:
+    h, e, f = cfg.hidden_size, cfg.embed_dim, cfg.intermediate_size
+    d = "model.decoder"
+    table = [ParamEntry(f"{d}.embed_tokens.weight", ("embed_tokens", "embedding"), (cfg.vocab_size, e)),
+             ParamEntry(f"{d}.embed_positions.weight", ("embed_positions", "embedding"),
+                        (cfg.max_position_embeddings + 2, h))]
+
+    def linear(hf: str, path: tuple, out_dim: int, in_dim: int, bias: bool) -> None:
+        table.append(ParamEntry(f"{hf}.weight", path + ("kernel",), (out_dim, in_dim), transpose=True))
+        if bias:
+            table.append(ParamEntry(f"{hf}.bias", path + ("bias",), (out_dim,)))
+
+    def norm(hf: str, path: tuple) -> None:
+        if cfg.layer_norm_affine:
+            table.append(ParamEntry(f"{hf}.weight", path + ("scale",), (h,)))
+            table.append(ParamEntry(f"{hf}.bias", path + ("bias",), (h,)))
+
+    if cfg.word_embed_proj_dim is not None:
+        linear(f"{d}.project_in", ("project_in",), h, e, False)
+        linear(f"{d}.project_out", ("project_out",), e, h, False)
+    for n in range(cfg.num_layers):
+        p, hp = ("layers", n), f"{d}.layers.{n}"
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{hp}.self_attn.{name}", p + ("self_attn", name), h, h, cfg.attention_bias)
+        norm(f"{hp}.self_attn_layer_norm", p + ("self_attn_layer_norm",))
+        linear(f"{hp}.fc1", p + ("fc1",), f, h, cfg.mlp_bias)
+        linear(f"{hp}.fc2", p + ("fc2",), h, f, cfg.mlp_bias)
+        norm(f"{hp}.final_layer_norm", p + ("final_layer_norm",))
+    if cfg.final_layer_norm:
+        norm(f"{d}.final_layer_norm", ("final_layer_norm",))
+    if not cfg.tie_word_embeddings:
+        table.append(ParamEntry("lm_head.weight", ("lm_head", "kernel"), (cfg.vocab_size, e), transpose=True))
+    return table
+
+
+def param_table(cfg: ModelConfig) -> list[ParamEntry]:
+    """The checkpoint table of the config's architecture family."""
+    return opt_param_table(cfg) if cfg.family == "opt" else llama_param_table(cfg)
+
+
+def normalize_key(cfg: ModelConfig, key: str) -> str:
+    """Checkpoint key spellings that mean a table key: OPT checkpoints saved from OPTModel (the released
+    facebook/opt-* files among them) lack the `model.` prefix."""
+    if cfg.family == "opt" and key.startswith("decoder."):
+        return "model." + key
+    return key
+
+
 def optional_keys(cfg: ModelConfig) -> set[str]:
     """Keys a checkpoint may carry beyond the table without being wrong (tied lm_head saved anyway)."""
     return {"lm_head.weight"} if cfg.tie_word_embeddings else set()

@@ -27,7 +27,7 @@ from jaxmedusa.config import ModelConfig
 from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.heads_io import save_heads
 from jaxmedusa.loading import Model, load, load_tokenizer, save
-from jaxmedusa.model import LlamaForCausalLM
+from jaxmedusa.architectures import CausalLM, abstract_lm, create_lm
 
 from . import losses
 from .checkpointing import Checkpointer
@@ -92,7 +92,7 @@ def build_models(cfg: TrainConfig) -> Models:
             mcfg = ModelConfig.from_hf_dict(dict(cfg.model_init))
         except ValueError as e:
             raise TrainConfigError(f"model_init: {e}") from None
-        lm = LlamaForCausalLM(mcfg, dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
+        lm = create_lm(mcfg, dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     if tokenizer is None:
         raise TrainConfigError("tokenizer: the model directory has no tokenizer; set tokenizer: DIR")
@@ -100,7 +100,7 @@ def build_models(cfg: TrainConfig) -> Models:
         raise TrainConfigError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
                                f"{mcfg.vocab_size}")
     cd = jnp.dtype(cfg.compute_dtype)
-    lm_graphdef = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(mcfg, dtype=cd, rngs=nnx.Rngs(0))))[0]
+    lm_graphdef = nnx.split(abstract_lm(mcfg, cd))[0]
     _, lm_state = nnx.split(lm)
     params, frozen = {}, {}
     heads_graphdef = None
@@ -108,7 +108,7 @@ def build_models(cfg: TrainConfig) -> Models:
         heads = MedusaHeads.for_model(lm, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
                                       rngs=nnx.Rngs(cfg.seed + 1))
         heads_graphdef = nnx.split(nnx.eval_shape(lambda: MedusaHeads(
-            mcfg.hidden_size, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
+            mcfg.embed_dim, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
             dtype=cd, rngs=nnx.Rngs(0))))[0]
         params["heads"] = nnx.split(heads)[1]
     if cfg.trains_base:
@@ -358,7 +358,7 @@ class Trainer:
                 total[key] = total[key] / batches
         return summarize(total)
 
-    def trained_modules(self) -> tuple[LlamaForCausalLM | None, MedusaHeads | None]:
+    def trained_modules(self) -> tuple[CausalLM | None, MedusaHeads | None]:
         """The trained base (when trained) and heads as float32 NNX modules on the host."""
         from jax.experimental import multihost_utils
 
@@ -369,11 +369,11 @@ class Trainer:
         cfg, mcfg = self.cfg, self.models.config
         lm = heads = None
         if "lm" in params:
-            gd = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(mcfg, dtype=jnp.float32, rngs=nnx.Rngs(0))))[0]
+            gd = nnx.split(abstract_lm(mcfg, jnp.float32))[0]
             lm = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["lm"]))
         if "heads" in params:
             gd = nnx.split(nnx.eval_shape(lambda: MedusaHeads(
-                mcfg.hidden_size, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
+                mcfg.embed_dim, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
                 dtype=jnp.float32, rngs=nnx.Rngs(0))))[0]
             heads = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["heads"]))
         return lm, heads
