@@ -31,9 +31,12 @@ LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_si
                  rms_norm_eps=1e-5)
 LLAMA2_13B = dict(LLAMA2_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                   num_key_value_heads=40)
+OPT_6_7B = dict(architectures=["OPTForCausalLM"], model_type="opt", vocab_size=50272, hidden_size=4096,
+                ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                word_embed_proj_dim=4096, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 SMOKE = dict(LLAMA2_7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4)
-MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "smoke": SMOKE}
+MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "opt-6.7b": OPT_6_7B, "smoke": SMOKE}
 
 
 def tree_of_size(t: int) -> list[list[int]]:
@@ -69,6 +72,7 @@ def run_jax(args) -> dict:
     from flax import nnx
 
     import jaxmedusa
+    from jaxmedusa.architectures import create_lm
     from jaxmedusa.cache import KVCache
     from jaxmedusa.compile_cache import call_compiled
     from jaxmedusa.config import ModelConfig
@@ -80,14 +84,17 @@ def run_jax(args) -> dict:
     cfg = ModelConfig.from_hf_dict(MODELS[args.model])
     dtype = jnp.dtype(args.dtype)
     t0 = time.perf_counter()
-    lm = jaxmedusa.LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    lm = create_lm(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     heads = MedusaHeads.for_model(lm, 4, 1, rngs=nnx.Rngs(1))
     graphdef, state = nnx.split(lm)
     heads_graphdef, heads_state = nnx.split(heads)
     jax.block_until_ready(state)
     print(f"init {time.perf_counter() - t0:.1f}s", flush=True)
-    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) - cfg.vocab_size * cfg.hidden_size * \
-        dtype.itemsize * (0 if cfg.tie_word_embeddings else 1)  # the embedding table is gathered, not streamed
+    # the embedding tables are gathered, not streamed (a tied one is streamed once, as the LM head)
+    gathered = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.embed_dim
+    if cfg.family == "opt":
+        gathered += (cfg.max_position_embeddings + 2) * cfg.hidden_size
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) - gathered * dtype.itemsize
     bw = copy_bandwidth() if not args.smoke else 1e11
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     n = args.steps
@@ -104,7 +111,7 @@ def run_jax(args) -> dict:
         k = jnp.tile(block, reps)[:, :, :max_len]
         v = jnp.tile(block * 0.5, reps)[:, :, :max_len]
         assert k.shape == shape
-        hidden = jax.random.normal(key, (b, cfg.hidden_size), dtype)
+        hidden = jax.random.normal(key, (b, cfg.embed_dim), dtype)
         cache = KVCache(k, v, jnp.zeros((b,), jnp.int32))
         del k, v
 
@@ -163,17 +170,17 @@ def run_jax(args) -> dict:
 
 
 def run_hf(args) -> list[dict]:
-    """transformers' LlamaForCausalLM.generate (greedy, bf16, sdpa) at the same shapes, random weights."""
+    """transformers' generate (greedy, bf16, sdpa) at the same shapes, random weights."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     d = dict(MODELS[args.model])
     d.pop("architectures")
-    cfg = LlamaConfig(**d)
+    cfg = AutoConfig.for_model(d.pop("model_type", "llama"), **d)
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if dev == "cuda" else torch.float32).eval()
+        model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16 if dev == "cuda" else torch.float32).eval()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     rows = []
     for b in args.batch:
