@@ -99,14 +99,7 @@ class ModelConfig:
         arch = _architecture(d)
         if arch == "OPTForCausalLM":
             return _opt_from_hf(d)
-        try:
-            hidden = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            layers = int(d["num_hidden_layers"])
-            vocab = int(d["vocab_size"])
-            inter = int(d["intermediate_size"])
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the required field {e.args[0]!r}") from None
+        hidden, heads, layers, vocab, inter = _required(d, "intermediate_size")
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ConfigError(f"hidden_act {act!r} is not supported (Llama-family models use 'silu')")
@@ -182,15 +175,17 @@ def _eos_tuple(eos) -> tuple[int, ...]:
     return tuple(int(e) for e in ids)
 
 
+def _required(d: Mapping[str, Any], mlp_field: str) -> tuple[int, int, int, int, int]:
+    """(hidden, heads, layers, vocab, MLP width) from config.json; a missing field is named."""
+    names = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", mlp_field)
+    missing = [n for n in names if n not in d]
+    if missing:
+        raise ConfigError(f"config.json lacks the required field {missing[0]!r}")
+    return tuple(int(d[n]) for n in names)  # type: ignore[return-value]
+
+
 def _opt_from_hf(d: Mapping[str, Any]) -> ModelConfig:
-    try:
-        hidden = int(d["hidden_size"])
-        heads = int(d["num_attention_heads"])
-        layers = int(d["num_hidden_layers"])
-        vocab = int(d["vocab_size"])
-        ffn = int(d["ffn_dim"])
-    except KeyError as e:
-        raise ConfigError(f"config.json lacks the required field {e.args[0]!r}") from None
+    hidden, heads, layers, vocab, ffn = _required(d, "ffn_dim")
     act = d.get("activation_function", "relu")
     if act not in OPT_ACTIVATIONS:
         raise ConfigError(f"activation_function {act!r} is not supported for OPT; supported: "
