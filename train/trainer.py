@@ -266,7 +266,11 @@ class Trainer:
         return self._steps[joint]
 
     def restore(self) -> bool:
-        """Continues from the latest checkpoint in output_dir, if any. Returns whether it did."""
+        """Continues from the latest checkpoint in output_dir when it is ahead of the state in memory.
+        Returns whether it did."""
+        latest = self.checkpointer.latest_step()
+        if latest is None or latest <= self.step:
+            return False
         restored = self.checkpointer.restore_latest(self.state, self.state_sharding)
         if restored is None:
             return False
@@ -285,7 +289,8 @@ class Trainer:
         return int(jax.device_get(self.state["step"]))
 
     def run(self, until: int | None = None) -> TrainResult:
-        """Trains to cfg.steps (or stops after step `until` without exporting, as a killed run would)."""
+        """Trains to cfg.steps (or stops after step `until` without exporting, as a killed run would),
+        first resuming from the newest checkpoint in output_dir if it is ahead of this trainer's state."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
