@@ -68,10 +68,8 @@ def copy_bandwidth(n_bytes: int = 4 << 30) -> float:
 def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
-    import jaxmedusa
     from jaxmedusa.architectures import create_lm
     from jaxmedusa.cache import KVCache
     from jaxmedusa.compile_cache import call_compiled
@@ -220,12 +218,10 @@ def run_hf_subprocess(args) -> list[dict] | dict:
 
 
 def device_name() -> str:
-    import jax
-
     sys.path.insert(0, HERE)
     from decode import device_name as name
 
-    return name() if jax.devices() else "unknown"
+    return name()
 
 
 def main() -> None:

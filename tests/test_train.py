@@ -1,6 +1,5 @@
 """Training: config, data masking, per-head label shifts, Medusa-1/2 invariants, sharding, exact resume, export."""
 
-import dataclasses
 import json
 import os
 import random

@@ -81,6 +81,13 @@ class Models:
     tokenizer: Any
 
 
+def heads_graphdef(cfg: TrainConfig, mcfg: ModelConfig, dtype):
+    """The graphdef of the run's heads at `dtype` (compute dtype for training, float32 for export)."""
+    return nnx.split(nnx.eval_shape(lambda: MedusaHeads(
+        mcfg.embed_dim, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
+        dtype=dtype, rngs=nnx.Rngs(0))))[0]
+
+
 def build_models(cfg: TrainConfig) -> Models:
     """Loads (or initialises) the base, creates fresh heads, and splits trained from frozen state."""
     if cfg.model is not None:
@@ -103,13 +110,11 @@ def build_models(cfg: TrainConfig) -> Models:
     lm_graphdef = nnx.split(abstract_lm(mcfg, cd))[0]
     _, lm_state = nnx.split(lm)
     params, frozen = {}, {}
-    heads_graphdef = None
+    heads_gd = None
     if cfg.trains_heads:
         heads = MedusaHeads.for_model(lm, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
                                       rngs=nnx.Rngs(cfg.seed + 1))
-        heads_graphdef = nnx.split(nnx.eval_shape(lambda: MedusaHeads(
-            mcfg.embed_dim, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
-            dtype=cd, rngs=nnx.Rngs(0))))[0]
+        heads_gd = heads_graphdef(cfg, mcfg, cd)
         params["heads"] = nnx.split(heads)[1]
     if cfg.trains_base:
         params["lm"] = lm_state
@@ -118,7 +123,7 @@ def build_models(cfg: TrainConfig) -> Models:
     else:
         frozen["lm"] = _cast(lm_state, cd)
     params = _cast(params, jnp.float32)
-    return Models(mcfg, lm_graphdef, heads_graphdef, params, frozen, tokenizer)
+    return Models(mcfg, lm_graphdef, heads_gd, params, frozen, tokenizer)
 
 
 def make_loss_fn(cfg: TrainConfig, models: Models):
@@ -298,7 +303,6 @@ class Trainer:
         self.restore()
         start = self.step
         last = cfg.steps if until is None else min(until, cfg.steps)
-        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or jax.process_index() != 0,
                    desc=cfg.mode, dynamic_ncols=True)
         tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -315,10 +319,7 @@ class Trainer:
                 now = time.perf_counter()
                 row.update(step=done, position=self.position, tokens_per_s=steps_since * tokens_per_step / (now - t_log))
                 t_log, steps_since = now, 0
-                self.history.append(row)
-                if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                self._log(row)
                 bar.set_postfix(_postfix(row))
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -328,14 +329,17 @@ class Trainer:
         heads_dir = model_dir = None
         if until is None or until >= cfg.steps:
             if self.eval_data is not None:
-                row = dict(self.evaluate(), step=self.step, split="eval")
-                self.history.append(row)
-                if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                self._log(dict(self.evaluate(), step=self.step, split="eval"))
             heads_dir, model_dir = self.export()
         return TrainResult(params=self.state["params"], step=self.step, history=self.history,
                            heads_dir=heads_dir, model_dir=model_dir)
+
+    def _log(self, row: dict) -> None:
+        """Keeps a metrics row and appends it to output_dir/metrics.jsonl (process 0 writes)."""
+        self.history.append(row)
+        if jax.process_index() == 0:
+            with open(os.path.join(self.cfg.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def evaluate(self) -> dict[str, Any]:
         """Loss and per-head accuracy over the whole eval set (no update)."""
@@ -377,10 +381,8 @@ class Trainer:
             gd = nnx.split(abstract_lm(mcfg, jnp.float32))[0]
             lm = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["lm"]))
         if "heads" in params:
-            gd = nnx.split(nnx.eval_shape(lambda: MedusaHeads(
-                mcfg.embed_dim, mcfg.vocab_size, cfg.heads, cfg.head_layers, shared_lm_head=cfg.shared_lm_head,
-                dtype=jnp.float32, rngs=nnx.Rngs(0))))[0]
-            heads = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["heads"]))
+            heads = nnx.merge(heads_graphdef(cfg, mcfg, jnp.float32),
+                              jax.tree_util.tree_map(jnp.asarray, params["heads"]))
         return lm, heads
 
     def export(self) -> tuple[str | None, str | None]:
