@@ -46,6 +46,12 @@ def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, pref
     return o, cache._replace(k=ck, v=cv)
 
 
+def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden: jax.Array) -> jax.Array:
+    """float32 logits from the untied lm_head, or from the token embeddings when they are tied."""
+    out = embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
+    return out.astype(jnp.float32)
+
+
 def linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(cfg_in, cfg_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
                       kernel_init=nnx.initializers.normal(0.02))
@@ -128,8 +134,4 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM-head logits (float32) for final-norm hidden states."""
-        if self.lm_head is None:
-            out = self.embed_tokens.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return lm_head_logits(self.embed_tokens, self.lm_head, hidden)

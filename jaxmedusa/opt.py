@@ -16,7 +16,7 @@ from flax import nnx
 
 from .cache import KVCache
 from .config import ModelConfig
-from .model import cached_attention, linear
+from .model import cached_attention, linear, lm_head_logits
 
 POSITION_OFFSET = 2  # HF OPT reserves the first two rows of embed_positions
 
@@ -103,5 +103,4 @@ class OPTForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM-head logits (float32)."""
-        out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return lm_head_logits(self.embed_tokens, self.lm_head, hidden)

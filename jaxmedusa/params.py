@@ -23,15 +23,21 @@ class ParamEntry:
 IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def linear_entries(hf: str, path: tuple, out_dim: int, in_dim: int, bias: bool) -> list[ParamEntry]:
+    """An HF Linear [out, in] (+ bias) as NNX kernel [in, out] (+ bias)."""
+    entries = [ParamEntry(f"{hf}.weight", path + ("kernel",), (out_dim, in_dim), transpose=True)]
+    if bias:
+        entries.append(ParamEntry(f"{hf}.bias", path + ("bias",), (out_dim,)))
+    return entries
+
+
 def llama_param_table(cfg: ModelConfig) -> list[ParamEntry]:
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     qd, kvd = cfg.num_heads * d, cfg.num_kv_heads * d
     table = [ParamEntry("model.embed_tokens.weight", ("embed_tokens", "embedding"), (cfg.vocab_size, h))]
 
     def linear(hf: str, path: tuple, out_dim: int, in_dim: int, bias: bool) -> None:
-        table.append(ParamEntry(f"{hf}.weight", path + ("kernel",), (out_dim, in_dim), transpose=True))
-        if bias:
-            table.append(ParamEntry(f"{hf}.bias", path + ("bias",), (out_dim,)))
+        table.extend(linear_entries(hf, path, out_dim, in_dim, bias))
 
     for n in range(cfg.num_layers):
         p, hp = ("layers", n), f"model.layers.{n}"
@@ -56,9 +62,7 @@ def opt_param_table(cfg: ModelConfig) -> list[ParamEntry]:
                         (cfg.max_position_embeddings + 2, h))]
 
     def linear(hf: str, path: tuple, out_dim: int, in_dim: int, bias: bool) -> None:
-        table.append(ParamEntry(f"{hf}.weight", path + ("kernel",), (out_dim, in_dim), transpose=True))
-        if bias:
-            table.append(ParamEntry(f"{hf}.bias", path + ("bias",), (out_dim,)))
+        table.extend(linear_entries(hf, path, out_dim, in_dim, bias))
 
     def norm(hf: str, path: tuple) -> None:
         if cfg.layer_norm_affine:
