@@ -20,34 +20,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import heapq
 import json
 import os
 
 import numpy as np
 
+from jaxmedusa.tree import grow_tree
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def grow_tree(acc: np.ndarray, size: int) -> tuple[list[list[int]], list[float]]:
-    """The size-node tree (root included) maximising expected tokens per step; returns (paths, expected
-    tokens per step after each node is added, starting with the root alone = 1.0)."""
-    k, top_k = acc.shape
-    heap = [(-acc[0, r], (r,)) for r in range(top_k)]
-    heapq.heapify(heap)
-    paths, expected = [], [1.0]
-    while heap and len(paths) < size - 1:
-        neg_p, path = heapq.heappop(heap)
-        paths.append(list(path))
-        expected.append(expected[-1] - neg_p)
-        if len(path) < k:
-            for r in range(top_k):
-                heapq.heappush(heap, (neg_p * acc[len(path), r], path + (r,)))
-    return paths, expected
-
-
-def measure_accuracies(model_dir: str, heads_dir: str, data: str, top_k: int, seq_len: int = 256) -> np.ndarray:
-    """acc [K, top_k] of trained heads on held-out conversations (assistant targets only)."""
+def measure_accuracies(model_dir: str, heads_dir: str, data: str, top_k: int, seq_len: int = 256, *,
+                       packing: bool = False, limit: int | None = None) -> np.ndarray:
+    """acc [K, top_k] of trained heads on conversations or documents (the first `limit`; targets in the
+    loss mask only: assistant replies, or every token of a plain-text document)."""
     import jax
     import jax.numpy as jnp
 
@@ -55,7 +41,7 @@ def measure_accuracies(model_dir: str, heads_dir: str, data: str, top_k: int, se
     from jaxmedusa.train.data import ChatRenderer, load_conversations, tokenize
 
     model = jaxmedusa.load(model_dir, heads=heads_dir)
-    examples = tokenize(load_conversations(data), ChatRenderer(model.tokenizer), seq_len, packing=False)
+    examples = tokenize(load_conversations(data)[:limit], ChatRenderer(model.tokenizer), seq_len, packing=packing)
     k = model.heads.num_heads
     hits = np.zeros((k, top_k))
     counts = np.zeros(k)

@@ -18,12 +18,15 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text (or token ids) from prompts")
     p.add_argument("prompts", nargs="+", metavar="PROMPT",
                    help="prompt text; with --ids, comma-separated token ids (e.g. 1,15,27)")
-    p.add_argument("--model", required=True, help="local HF model directory")
+    p.add_argument("--model", default=None, help="local HF model directory (default: the embedded model, a small "
+                                                 "Llama trained on Python's standard library, with its heads)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=2048, help="KV cache slots per sequence")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache slots per sequence (default: what the prompts, new tokens and tree need, "
+                        "rounded up to a multiple of 128)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids")
     p.add_argument("--heads", default=None, help="Medusa heads-only directory (official format)")
@@ -47,13 +50,19 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args) -> int:
     import jaxmedusa
 
+    from .generate import cache_slots_needed
+
     prompts = [_parse_ids(p) for p in args.prompts] if args.ids else list(args.prompts)
-    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len)
+    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len or 2048)
     if not args.ids and model.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer; pass token ids with --ids")
     use_medusa = model.heads is not None and not args.no_medusa
     if args.compare and not use_medusa:
         raise CLIError("--compare needs Medusa heads (--heads DIR or a Medusa-2 model directory)")
+    if args.max_len is None:  # a cache sized to the request: attention reads every slot on every step
+        need = cache_slots_needed(model, prompts, args.max_new_tokens, medusa=use_medusa, tree=args.tree,
+                                  top_k=args.top_k)
+        model.max_len = -(-need // 128) * 128
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     mkw = dict(kw, medusa=use_medusa, tree=args.tree, acceptance=args.acceptance, top_k=args.top_k)
     result = jaxmedusa.generate(model, prompts, **mkw)
@@ -73,15 +82,19 @@ def cmd_generate(args) -> int:
         prefix = "" if args.ids else args.prompts[i]
         print(prefix + body)
     s = result.stats
-    kind = f"medusa {s['acceptance']}" if s["medusa"] else "vanilla"
-    print(f"[{kind}: {s['new_tokens']} tokens in {s['seconds']:.2f}s, {s['tokens_per_second']:.1f} tokens/s, "
-          f"{s['tokens_per_step']:.2f} tokens/step, compile {s['compile_seconds']:.1f}s]", file=sys.stderr)
+    if s["medusa"]:
+        kind = (f"medusa {s['acceptance']}, {s['mean_accepted_tokens_per_step']:.2f} accepted tokens/step, "
+                f"tree {s['tree_nodes']} nodes")
+    else:
+        kind = "vanilla"
+    print(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {s['tokens_per_second']:.1f} tokens/s; {kind}; "
+          f"compile {s['compile_seconds']:.1f}s]", file=sys.stderr)
     if vanilla is not None:
         v = vanilla.stats
         same = "identical" if vanilla.tokens == result.tokens else "different"
-        print(f"[vanilla: {v['tokens_per_second']:.1f} tokens/s; medusa {s['tokens_per_second']:.1f} tokens/s; "
-              f"speedup {s['tokens_per_second'] / v['tokens_per_second']:.2f}x; mean accepted "
-              f"{s['mean_accepted_tokens_per_step']:.2f} tokens/step; {same} tokens]", file=sys.stderr)
+        print(f"[vanilla: {v['new_tokens']} tokens in {v['seconds']:.2f}s, {v['tokens_per_second']:.1f} tokens/s; "
+              f"medusa speedup {s['tokens_per_second'] / v['tokens_per_second']:.2f}x; {same} tokens]",
+              file=sys.stderr)
     return 0
 
 
@@ -207,7 +220,9 @@ def _add_distill(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=2048, help="KV cache slots per sequence")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache slots per sequence (default: what the prompts, new tokens and tree need, "
+                        "rounded up to a multiple of 128)")
     p.add_argument("--chat-template", choices=["auto", "plain"], default="auto")
     p.add_argument("--limit", type=int, default=None, help="only the first N conversations")
     p.set_defaults(func=cmd_distill)

@@ -155,8 +155,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     stops at its own EOS (included in its tokens) or after max_new_tokens.
 
     Medusa: `medusa=None` uses the heads when the model has them, True requires them, False is vanilla.
-    `tree` is a published tree's name, a JSON file or a list of paths (default mc_sim_7b_63, trimmed to
-    the heads' depth when it is deeper). `acceptance` is greedy (output == vanilla greedy), typical
+    `tree` is a published tree's name, a JSON file or a list of paths (default: the heads' own tree,
+    model.tree, when their config carries one, else mc_sim_7b_63 trimmed to the heads' depth). `acceptance` is greedy (output == vanilla greedy), typical
     (epsilon = posterior_threshold, delta = posterior_alpha) or rejection (lossless sampling). At
     temperature 0 every rule is greedy.
     """
@@ -296,9 +296,19 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
                 break
 
 
+def cache_slots_needed(model: Model, prompts, max_new_tokens: int, *, medusa: bool | None = None, tree=None,
+                       top_k: int = DEFAULT_TOP_K) -> int:
+    """KV-cache slots one generate() call needs: longest prompt + max_new_tokens + the tree's nodes."""
+    use_medusa = model.heads is not None if medusa is None else bool(medusa)
+    tree_slots = resolve_model_tree(model, tree, top_k).size if use_medusa and model.heads is not None else 0
+    return max(len(p) for p in encode_prompts(model, prompts)) + max_new_tokens + tree_slots
+
+
 def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:
-    """Builds the tree for the model's heads; the default tree is trimmed to the heads' depth."""
+    """Builds the tree for the model's heads: `tree`, else the heads' own (model.tree), else the default
+    published tree trimmed to the heads' depth."""
     k = model.heads.num_heads
+    tree = model.tree if tree is None else tree
     if tree is None:
         paths = [p for p in published_trees()[DEFAULT_TREE] if len(p) <= k]
         return build_tree(paths, num_heads=k, top_k=top_k)

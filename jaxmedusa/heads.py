@@ -29,9 +29,14 @@ class MedusaHead(nnx.Module):
         self.proj = None if shared_lm_head else nnx.Linear(hidden, vocab, use_bias=False, dtype=dtype,
                                                            param_dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, lm_logits):
+    def features(self, x):
+        """The hidden state after this head's residual blocks (what its vocab projection reads)."""
         for block in self.blocks:
             x = block(x)
+        return x
+
+    def __call__(self, x, lm_logits):
+        x = self.features(x)
         return lm_logits(x) if self.proj is None else self.proj(x).astype(jnp.float32)
 
 
@@ -52,6 +57,8 @@ class MedusaHeads(nnx.Module):
                                for _ in range(num_heads)])
 
     def __call__(self, hidden: jax.Array, lm_logits) -> jax.Array:
+        if self.shared_lm_head:  # one projection for all heads: the lm_head is read once, not K times
+            return lm_logits(jnp.stack([head.features(hidden) for head in self.heads]))
         return jnp.stack([head(hidden, lm_logits) for head in self.heads])
 
     @classmethod

@@ -50,6 +50,20 @@ def configured_layers(config: dict) -> int | None:
     return None if layers is None else int(layers)
 
 
+def configured_tree(config: dict, source: str) -> list[list[int]] | None:
+    """`medusa_choices` from a config.json dict: the tree the heads were tuned with, or None when absent.
+
+    The official configs do not carry one; jaxmedusa writes it so a heads release can ship its own tree.
+    """
+    tree = config.get("medusa_choices")
+    if tree is None:
+        return None
+    if not (isinstance(tree, list) and all(isinstance(p, list) and p and all(isinstance(r, int) for r in p)
+                                           for p in tree)):
+        raise CheckpointError(f"{source}: medusa_choices must be a list of non-empty lists of integer ranks")
+    return [list(p) for p in tree]
+
+
 def heads_from_state_dict(tensors: dict[str, np.ndarray], *, hidden: int, vocab: int, dtype,
                           num_layers: int | None = None, source: str = "heads file") -> MedusaHeads:
     """Builds MedusaHeads from official keys, checking every key and shape (errors name them)."""
@@ -123,8 +137,12 @@ def load_heads(heads_dir: str, *, hidden: int, vocab: int, dtype) -> MedusaHeads
                                  num_layers=configured_layers(config), source=f"heads file in {heads_dir}")
 
 
-def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = None, dtype=None) -> None:
-    """Writes the official heads-only layout: medusa_lm_head.safetensors + config.json."""
+def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = None, dtype=None,
+               tree: list[list[int]] | None = None) -> None:
+    """Writes the official heads-only layout: medusa_lm_head.safetensors + config.json.
+
+    tree: the heads' default tree, written as `medusa_choices` (load() makes it the model's default).
+    """
     os.makedirs(heads_dir, exist_ok=True)
     tensors = heads_state_dict(heads)
     if dtype is not None:
@@ -132,5 +150,7 @@ def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = N
     save_safetensors(os.path.join(heads_dir, "medusa_lm_head.safetensors"), tensors, {"format": "pt"})
     config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.num_layers,
               "base_model_name_or_path": base_model or "", "hidden_size": heads.hidden, "vocab_size": heads.vocab}
+    if tree is not None:
+        config["medusa_choices"] = [list(map(int, p)) for p in tree]
     with open(os.path.join(heads_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

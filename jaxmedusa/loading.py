@@ -14,10 +14,12 @@ from flax import nnx
 
 from .checkpoint import export_params, read_params, save_tensors, weight_files
 from .config import ConfigError, ModelConfig
-from .heads_io import configured_layers, heads_from_state_dict, load_heads
+from .heads_io import configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors
 from .architectures import CausalLM, abstract_lm
 from .params import normalize_key, optional_keys, param_table
+from .tree import TreeError, build_tree
 
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
@@ -31,6 +33,7 @@ class Model:
     eos_token_ids: tuple[int, ...] = ()
     path: str | None = None
     heads: Any = None  # MedusaHeads, when the model has them
+    tree: list[list[int]] | None = None  # the heads' default tree (medusa_choices); None: mc_sim_7b_63 trimmed
 
     def __post_init__(self) -> None:
         if self.max_len <= 0:
@@ -97,15 +100,30 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
-def load(path: str | os.PathLike, *, heads: str | os.PathLike | None = None, dtype=None,
+def default_model_paths() -> tuple[str, str]:
+    """(model dir, heads dir) of the embedded default model shipped in the package (jaxmedusa/assets)."""
+    model_dir, heads_dir = os.path.join(DEFAULT_MODEL_DIR, "model"), os.path.join(DEFAULT_MODEL_DIR, "heads")
+    if not (os.path.isfile(os.path.join(model_dir, "config.json")) and os.path.isdir(heads_dir)):
+        raise FileNotFoundError(f"the embedded default model is missing from this installation ({DEFAULT_MODEL_DIR});"
+                                f" rebuild it with `python configs/default-model/build.py` or pass a model directory")
+    return model_dir, heads_dir
+
+
+def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | None = None, dtype=None,
          max_len: int = 2048) -> Model:
     """Loads a local HF Llama/Mistral/OPT model directory (config.json + safetensors or .bin weights).
 
+    path None: the embedded default model (a small Llama trained on the Python standard library, with its
+    Medusa heads, tree and tokenizer), which needs no download.
     heads: a Medusa heads-only directory (medusa_lm_head.safetensors/.pt + config.json). A full Medusa-2
     directory (medusa_head.* tensors inside the model weights) brings its heads without this argument.
+    A `medusa_choices` list in the heads' config becomes the model's default tree.
     dtype: parameter/compute dtype; None means float32 on CPU and the checkpoint's dtype elsewhere.
     max_len: KV-cache slots per sequence (prompt + generated tokens + one tree).
     """
+    if path is None:
+        path, default_heads = default_model_paths()
+        heads = default_heads if heads is None else heads
     model_dir = os.fspath(path)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -130,15 +148,23 @@ def load(path: str | os.PathLike, *, heads: str | os.PathLike | None = None, dty
     params = read_params(weight_files(model_dir), param_table(cfg), dtype, optional=optional_keys(cfg),
                          claim=claim, rename=lambda key: normalize_key(cfg, key))
     lm = build_model(cfg, params, dtype)
-    medusa_heads = None
+    medusa_heads, tree = None, None
     if heads is not None:
-        medusa_heads = load_heads(os.fspath(heads), hidden=cfg.embed_dim, vocab=cfg.vocab_size, dtype=dtype)
+        tensors, heads_cfg = read_heads_tensors(os.fspath(heads))
+        source = f"heads file in {os.fspath(heads)}"
     elif embedded:
-        medusa_heads = heads_from_state_dict(embedded, hidden=cfg.embed_dim, vocab=cfg.vocab_size, dtype=dtype,
-                                             num_layers=configured_layers(raw),
-                                             source=f"medusa_head.* tensors of {model_dir}")
+        tensors, heads_cfg, source = embedded, raw, f"medusa_head.* tensors of {model_dir}"
+    if heads is not None or embedded:
+        medusa_heads = heads_from_state_dict(tensors, hidden=cfg.embed_dim, vocab=cfg.vocab_size, dtype=dtype,
+                                             num_layers=configured_layers(heads_cfg), source=source)
+        tree = configured_tree(heads_cfg, source)
+        if tree is not None:
+            try:
+                build_tree(tree, num_heads=medusa_heads.num_heads)
+            except TreeError as e:
+                raise ConfigError(f"{source}: medusa_choices is not a valid tree for these heads: {e}") from None
     return Model(lm=lm, max_len=max_len, tokenizer=load_tokenizer(model_dir),
-                 eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads)
+                 eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads, tree=tree)
 
 
 def save(model: Model | CausalLM, path: str | os.PathLike, *, dtype=None,

@@ -8,6 +8,7 @@ static under jit.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import json
 import os
@@ -41,6 +42,28 @@ def cartesian_tree(top_ks: Sequence[int]) -> list[list[int]]:
     for depth in range(1, len(top_ks) + 1):
         paths.extend(list(p) for p in itertools.product(*(range(k) for k in top_ks[:depth])))
     return paths
+
+
+def grow_tree(acc: np.ndarray, size: int) -> tuple[list[list[int]], list[float]]:
+    """The size-node tree (root included) maximising expected tokens per step under independent heads.
+
+    acc [K, top_k]: acc[k][r] = probability that head k's rank-r token is right. A node is accepted with
+    the product of its path's probabilities, so greedy growth (a child is never likelier than its parent)
+    is optimal. Returns (paths, expected tokens per step after each node is added, starting at 1.0).
+    """
+    acc = np.asarray(acc, np.float64)
+    k, top_k = acc.shape
+    heap = [(-acc[0, r], (r,)) for r in range(top_k)]
+    heapq.heapify(heap)
+    paths, expected = [], [1.0]
+    while heap and len(paths) < size - 1:
+        neg_p, path = heapq.heappop(heap)
+        paths.append(list(path))
+        expected.append(expected[-1] - neg_p)
+        if len(path) < k:
+            for r in range(top_k):
+                heapq.heappush(heap, (neg_p * acc[len(path), r], path + (r,)))
+    return paths, expected
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -147,3 +147,33 @@ def test_load_with_heads_dir_and_medusa2_checkpoint(tmp_path):
     np.testing.assert_allclose(np.asarray(model.heads(x, model.lm.logits)), want, atol=1e-6)
     vanilla = jaxmedusa.generate(model, [3, 4, 5], max_new_tokens=8, medusa=False, eos_token_id=[]).tokens
     assert jaxmedusa.generate(model, [3, 4, 5], max_new_tokens=8, eos_token_id=[]).tokens == vanilla
+
+
+def test_heads_tree_round_trip_becomes_the_default_tree(tmp_path):
+    lm = random_lm(seed=55)
+    heads = random_heads(lm, 2, 1, seed=55, shared_lm_head=True)
+    jaxmedusa.save(lm, tmp_path / "base")
+    tree = [[0], [1], [0, 0]]
+    save_heads(heads, str(tmp_path / "heads"), tree=tree)
+    assert json.loads((tmp_path / "heads" / "config.json").read_text())["medusa_choices"] == tree
+    model = jaxmedusa.load(tmp_path / "base", heads=tmp_path / "heads", max_len=64)
+    assert model.tree == tree
+    out = jaxmedusa.generate(model, [3, 4, 5], max_new_tokens=6, eos_token_id=[])
+    assert out.stats["tree_nodes"] == 4  # the heads' tree, not mc_sim_7b_63
+    assert jaxmedusa.generate(model, [3, 4, 5], max_new_tokens=6, eos_token_id=[], tree=[[0], [0, 0]]
+                              ).stats["tree_nodes"] == 3  # an explicit tree still wins
+    assert out.tokens == jaxmedusa.generate(model, [3, 4, 5], max_new_tokens=6, eos_token_id=[], medusa=False).tokens
+
+
+@pytest.mark.parametrize("tree, message", [
+    ([[0], "x"], "medusa_choices must be a list of non-empty lists of integer ranks"),
+    ([[0], [0, 0, 0]], "medusa_choices is not a valid tree for these heads: .*depth 3"),
+])
+def test_bad_heads_tree_is_named(tmp_path, tree, message):
+    lm = random_lm(seed=56)
+    jaxmedusa.save(lm, tmp_path / "base")
+    save_heads(random_heads(lm, 2, 1, seed=56), str(tmp_path / "heads"))
+    cfg = json.loads((tmp_path / "heads" / "config.json").read_text())
+    (tmp_path / "heads" / "config.json").write_text(json.dumps(dict(cfg, medusa_choices=tree)))
+    with pytest.raises((CheckpointError, jaxmedusa.ConfigError), match=message):
+        jaxmedusa.load(tmp_path / "base", heads=tmp_path / "heads", max_len=64)

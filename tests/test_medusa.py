@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import jaxmedusa
-from jaxmedusa.tree import TreeError, build_tree, cartesian_tree, chain_tree, published_trees
+from jaxmedusa.tree import TreeError, build_tree, cartesian_tree, chain_tree, grow_tree, published_trees
 
 from conftest import random_heads, random_lm
 
@@ -151,6 +151,25 @@ def test_tree_helpers():
     assert chain_tree(3) == [[0], [0, 0], [0, 0, 0]]
     assert cartesian_tree([2, 2]) == [[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]]
     assert build_tree(cartesian_tree([2, 2]), num_heads=2).size == 7
+
+
+def test_grow_tree_is_the_best_tree_of_its_size():
+    import itertools
+
+    rng = np.random.default_rng()
+    acc = np.sort(rng.uniform(0.0, 0.6, size=(2, 3)), axis=1)[:, ::-1]  # [heads, ranks], decreasing per head
+
+    def value(paths):  # expected tokens per step: 1 + the sum of each node's path probability
+        return 1 + sum(np.prod([acc[d, r] for d, r in enumerate(p)]) for p in paths)
+
+    every = [list(p) for d in (1, 2) for p in itertools.product(range(3), repeat=d)]
+    for size in (2, 4, 7):
+        paths, expected = grow_tree(acc, size)
+        build_tree(paths, num_heads=2, top_k=3)  # prefix-closed, within the heads and the top-k
+        assert len(paths) == size - 1 and len(expected) == size
+        assert np.isclose(expected[-1], value(paths))
+        closed = (c for c in itertools.combinations(every, size - 1) if all(len(p) == 1 or p[:1] in c for p in c))
+        assert np.isclose(expected[-1], max(value(c) for c in closed))
 
 
 @pytest.mark.parametrize("paths, message", [

@@ -1,7 +1,8 @@
 """Training data: ShareGPT-style conversations -> token ids with an assistant-only loss mask -> batches.
 
-Records are `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}` (ShareGPT) or
-`{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`, in a JSON list or JSONL.
+Records are `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}` (ShareGPT),
+`{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}`, or a plain document
+`{"text": ...}` (pretraining: `<bos>text<eos>`, every token in the loss), in a JSON list or JSONL.
 A conversation is rendered as one string, with the tokenizer's chat template or a plain
 Vicuna-style template (`USER: ...` / `ASSISTANT: ...`), and the character span of every assistant reply
 (its end-of-turn marker included) is recorded; after tokenisation, exactly the tokens that start inside
@@ -31,18 +32,23 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant", or "text" for a plain document
     content: str
 
 
 def _parse_record(rec: Any, where: str) -> list[Message]:
     if isinstance(rec, dict):
+        if "text" in rec and "conversations" not in rec and "messages" not in rec:
+            if not isinstance(rec["text"], str):
+                raise DataError(f"{where}: 'text' must be a string")
+            return [Message("text", rec["text"])]
         if "conversations" in rec:
             turns, role_key, text_key = rec["conversations"], "from", "value"
         elif "messages" in rec:
             turns, role_key, text_key = rec["messages"], "role", "content"
         else:
-            raise DataError(f"{where}: expected a 'conversations' or 'messages' list, found keys {sorted(rec)}")
+            raise DataError(f"{where}: expected a 'conversations' or 'messages' list or a 'text' string, "
+                            f"found keys {sorted(rec)}")
     elif isinstance(rec, list):
         turns, role_key, text_key = rec, "role", "content"
     else:
@@ -132,7 +138,10 @@ class ChatRenderer:
         return self.bos + "".join(self._plain_turn(m) for m in messages) + "ASSISTANT:"
 
     def render(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
-        """(text, [(start, end) character span of each assistant reply])."""
+        """(text, [(start, end) character span of each assistant reply]); a plain document is all one span."""
+        if len(messages) == 1 and messages[0].role == "text":
+            text = self.bos + messages[0].content + self.eos
+            return text, [(len(self.bos), len(text))]
         spans = []
         if not self.use_chat_template:
             text = self.bos
