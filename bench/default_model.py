@@ -9,7 +9,7 @@
   mc_sim_7b_63 (trimmed to 4 heads), and vanilla, interleaved per prompt after a warm-up of each, so the
   ratio is measured side by side. The script fails if any Medusa output differs from vanilla.
 - --sweep: trees of several sizes grown from the heads' measured top-k accuracies (build.json).
-Prints a table; writes bench/results/default_model-DATE-DEVICE.json (and --out, when given).
+Prints a table; writes bench/results/default_model[-sweep]-DATE-DEVICE.json (and --out, when given).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def main() -> None:
         print(f"{r['kind']:>14} {r.get('tree_nodes', 1):>6} {r['tokens_per_second']:>9.1f} "
               f"{r.get('mean_accepted_tokens_per_step', 1.0):>14.3f} {r.get('speedup', 1.0):>7.2f}x "
               f"{str(r.get('identical_to_vanilla', True)):>10}")
-    name = f"default_model-{result['date']}-{device_name().replace(' ', '_')}.json"
+    name = f"default_model{'-sweep' if args.sweep else ''}-{result['date']}-{device_name().replace(' ', '_')}.json"
     outs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)] + ([args.out] if args.out else [])
     for out in outs:
         merged = {}

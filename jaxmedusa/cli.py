@@ -66,6 +66,7 @@ def cmd_generate(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     mkw = dict(kw, medusa=use_medusa, tree=args.tree, acceptance=args.acceptance, top_k=args.top_k)
     result = jaxmedusa.generate(model, prompts, **mkw)
+    compile_seconds = result.stats["compile_seconds"]
     vanilla = None
     if args.compare:  # second runs: compiled already, so both timings are steady state
         result = jaxmedusa.generate(model, prompts, **mkw)
@@ -87,8 +88,9 @@ def cmd_generate(args) -> int:
                 f"tree {s['tree_nodes']} nodes")
     else:
         kind = "vanilla"
+    sys.stdout.flush()  # the text first, then the stats lines on stderr
     print(f"[{s['new_tokens']} tokens in {s['seconds']:.2f}s, {s['tokens_per_second']:.1f} tokens/s; {kind}; "
-          f"compile {s['compile_seconds']:.1f}s]", file=sys.stderr)
+          f"compile {compile_seconds:.1f}s]", file=sys.stderr)
     if vanilla is not None:
         v = vanilla.stats
         same = "identical" if vanilla.tokens == result.tokens else "different"

@@ -11,9 +11,9 @@ import jaxmedusa
 from jaxmedusa.cli import main
 from jaxmedusa.loading import DEFAULT_MODEL_DIR
 
-# Measured when the shipped model was built (assets/default/build.json: 3.2x on these prompts with the
-# shipped tree); the threshold leaves a margin for platform differences in float32 rounding.
-MIN_ACCEPTED_TOKENS_PER_STEP = 2.5
+# Measured 2.71 when the shipped model was built (these 24 prompts, 48 new tokens, the shipped 8-node tree;
+# 3.15 at 128 tokens in assets/default/build.json); the margin covers float32 rounding across platforms.
+MIN_ACCEPTED_TOKENS_PER_STEP = 2.4
 NEW_TOKENS = 48
 
 

@@ -148,6 +148,20 @@ def test_both_record_formats_and_bad_records(tmp_path):
         load_conversations(str(p))
 
 
+def test_plain_text_documents_train_on_every_token(tmp_path):
+    tok = _tokenizer(tmp_path, JINJA)  # a chat template does not apply to a plain document
+    p = tmp_path / "docs.jsonl"
+    p.write_text(json.dumps({"text": "w5 w6 w7", "path": "a.py"}) + "\n" + json.dumps({"text": "w8"}) + "\n")
+    docs = load_conversations(str(p))
+    assert docs == [[Message("text", "w5 w6 w7")], [Message("text", "w8")]]
+    ids, mask = ChatRenderer(tok, "auto").encode(docs[0])
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "w5", "w6", "w7", "</s>"]
+    assert mask == [False, True, True, True, True]  # everything the model predicts: the text and its EOS
+    p.write_text(json.dumps({"text": 3}) + "\n")
+    with pytest.raises(DataError, match="line 1: 'text' must be a string"):
+        load_conversations(str(p))
+
+
 def test_packing_padding_and_deterministic_shuffle(tmp_path):
     tok = _tokenizer(tmp_path)
     renderer = ChatRenderer(tok)

@@ -8,7 +8,10 @@ Stages (outputs under --work, default runs/default-model; only `export` writes i
              corpus/manifest.json (Python version, every file with its split, size and sha256)
   tokenizer  byte-level BPE (vocab 4096) trained on the train split -> tokenizer/ (HF tokenizer files)
   pretrain   `jaxmedusa train pretrain.yaml`: a small Llama from scratch -> pretrain/model
-  heads      `jaxmedusa train heads.yaml`: 4 Medusa-1 heads on the frozen base -> heads/heads
+  distill    self-distillation: the base's own greedy continuations of DISTILL_PROMPTS windows of the
+             train split -> corpus/distilled.jsonl (what greedy Medusa must predict is the model's output)
+  heads      `jaxmedusa train heads.yaml`: 4 Medusa-1 heads on the frozen base, trained on the distilled
+             data -> heads/heads
   export     the tree (grown from the heads' top-k accuracies), float16 model + heads (+ tree) + tokenizer
              + held-out prompts -> jaxmedusa/assets/default
   measure    held-out perplexity, acceptance and vanilla-vs-Medusa speed -> assets/default/build.json
@@ -35,7 +38,7 @@ import zlib
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 ASSETS = ROOT / "jaxmedusa" / "assets" / "default"
-STAGES = ("corpus", "tokenizer", "pretrain", "heads", "export", "measure")
+STAGES = ("corpus", "tokenizer", "pretrain", "distill", "heads", "export", "measure")
 EXCLUDED = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
             "encodings", "pydoc_data", "__phello__", "venv", "unittest"}
 HELDOUT_MOD = 20
@@ -43,9 +46,10 @@ VOCAB = 4096
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3; the model's bos 1, eos 2
 PROMPT_CHARS = 160  # held-out prompts: the first lines of a held-out function, up to this many characters
 NUM_PROMPTS = 24
-TREE_NODES = 16  # the shipped tree's size (root included): the best speed on a 2-core CPU in the sweep of
-#                 bench/default_model.py --sweep (a verify step's cost grows quickly with T on a CPU)
-ACCURACY_FILES = 40  # train-split files whose head accuracies shape the tree
+TREE_NODES = 8  # the shipped tree's size (root included): the fastest on a 2-core CPU in the sweep of
+#                bench/default_model.py --sweep (bench/results/default_model-sweep-2026-11-24-*.json)
+ACCURACY_DOCS = 256  # distilled documents whose head accuracies shape the tree
+DISTILL_PROMPTS, DISTILL_PROMPT_TOKENS, DISTILL_NEW_TOKENS, DISTILL_STRIDE = 4096, 48, 208, 512
 
 
 def stdlib_files() -> list[tuple[str, pathlib.Path]]:
@@ -123,9 +127,28 @@ def stage_pretrain(work: pathlib.Path) -> None:
                     f"eval_data={work / 'corpus' / 'heldout.jsonl'}")
 
 
+def stage_distill(work: pathlib.Path) -> None:
+    """Greedy continuations of windows taken every DISTILL_STRIDE tokens of the train split (batched)."""
+    import jaxmedusa
+
+    model = jaxmedusa.load(work / "pretrain" / "model", max_len=DISTILL_PROMPT_TOKENS + DISTILL_NEW_TOKENS)
+    stream = [t for text in read_texts(work / "corpus" / "train.jsonl")
+              for t in model.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    starts = range(0, len(stream) - DISTILL_PROMPT_TOKENS, DISTILL_STRIDE)[:DISTILL_PROMPTS]
+    prompts = [[model.config.bos_token_id] + stream[s:s + DISTILL_PROMPT_TOKENS - 1] for s in starts]
+    out = work / "corpus" / "distilled.jsonl"
+    with open(out, "w") as f:
+        for i in range(0, len(prompts), 128):
+            batch = prompts[i:i + 128]
+            r = jaxmedusa.generate(model, batch, max_new_tokens=DISTILL_NEW_TOKENS, medusa=False)
+            for p, t in zip(batch, r.tokens):
+                f.write(json.dumps({"text": model.tokenizer.decode(p[1:] + t, skip_special_tokens=True)}) + "\n")
+    print(f"distill: {len(prompts)} greedy continuations of {DISTILL_NEW_TOKENS} tokens -> {out}")
+
+
 def stage_heads(work: pathlib.Path) -> None:
     jaxmedusa_train(HERE / "heads.yaml", work, f"output_dir={work / 'heads'}", f"model={work / 'pretrain' / 'model'}",
-                    f"data={work / 'corpus' / 'train.jsonl'}", f"eval_data={work / 'corpus' / 'heldout.jsonl'}")
+                    f"data={work / 'corpus' / 'distilled.jsonl'}", f"eval_data={work / 'corpus' / 'heldout.jsonl'}")
 
 
 def heldout_prompts(work: pathlib.Path) -> list[str]:
@@ -146,15 +169,16 @@ def heldout_prompts(work: pathlib.Path) -> list[str]:
 
 
 def default_tree(work: pathlib.Path) -> tuple[list[list[int]], list[list[float]]]:
-    """The TREE_NODES-node tree grown from the heads' top-k accuracies on a sample of the train split."""
+    """The TREE_NODES-node tree grown from the heads' top-k accuracies on distilled text (the model's own
+    greedy output, which is what greedy Medusa verifies)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from speedup_sim import measure_accuracies
 
     from jaxmedusa.tree import grow_tree
 
     acc = measure_accuracies(str(work / "pretrain" / "model"), str(work / "heads" / "heads"),
-                             str(work / "corpus" / "train.jsonl"), top_k=10, seq_len=512, packing=True,
-                             limit=ACCURACY_FILES)
+                             str(work / "corpus" / "distilled.jsonl"), top_k=10, seq_len=512, packing=True,
+                             limit=ACCURACY_DOCS)
     return grow_tree(acc, TREE_NODES)[0], acc.round(4).tolist()
 
 
