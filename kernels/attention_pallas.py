@@ -18,7 +18,9 @@ block) add up with no rescale. A row whose running maximum leaves [phi - M, phi 
 UNIFIED_MAX_MARGIN, where exp would overflow or underflow) falls back, inside the kernel, to the exact
 scheme: its reference becomes its running maximum and what it accumulated is rescaled once. Each partial
 reports the reference it used, so one merge serves both: partial i is scaled by exp(r_i - max r), which is
-exactly 1 everywhere in the common case. `unified_max=None` is the exact online softmax throughout.
+exactly 1 everywhere in the common case. `unified_max=None` is the exact online softmax throughout, and
+float16 inputs always use it: p = exp(s - phi) meets the P.V GEMM in the cache's dtype, and float16
+overflows at e^11, well within the margin (bfloat16 and float32 have float32's range).
 """
 
 from __future__ import annotations
@@ -191,7 +193,9 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     q4 = jnp.pad(q5.reshape(b, kvh, rows, d), ((0, 0), (0, 0), (0, mp - rows), (0, 0)))
 
-    phi = None if unified_max is None else float(unified_max)
+    # exp(s - phi) is cast to v's dtype for the P.V dot: float16 tops out at e^11, far inside the margin
+    # (scores of a real fp16 model reach it), so float16 takes the exact softmax, where p <= 1 always.
+    phi = None if unified_max is None or v.dtype == jnp.float16 else float(unified_max)
     o, r, l = _prefix_partials(q4, k, v, lengths, sm_scale=sm_scale, phi=phi, block_m=block_m, block_k=block_k,
                                num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                                interpret=interpret, layer=layer)

@@ -85,6 +85,30 @@ def test_tree_attention_matches_reference(t, kvh, d, unified_max):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("t", [None, 5])
+def test_float16_scores_beyond_e11_do_not_overflow(t):
+    """exp(s - 0) > 65504 for scores above ~11: float16 must not take the unified max (found on an H100 with
+    the embedded default model, whose fp16 scores reach ~20)."""
+    rng = np.random.default_rng()
+    b, s, h, kvh, d = 2, 96, 4, 2, 64
+    q, k, v = random_inputs(rng, b, s, h, kvh, d, jnp.float32, t=t)
+    q = (q * 4.0).astype(jnp.float16)  # scores ~ N(0, 16): the largest of each row is around +10 .. +20
+    k, v = k.astype(jnp.float16), v.astype(jnp.float16)
+    lengths = jnp.array([40, s - (t or 0)], jnp.int32)
+    if t is None:
+        out = decode_attention(q, k, v, lengths, block_k=32, interpret=True)
+        ref = decode_attention_reference(q, k, v, lengths)
+        scores = jnp.einsum("bhd,bskd->bhs", q.astype(jnp.float32), jnp.repeat(k, h // kvh, 2).astype(jnp.float32))
+    else:
+        mask = jnp.asarray(np.tril(np.ones((t, t), bool)))
+        out = tree_attention(q, k, v, lengths, mask, block_k=32, interpret=True)
+        ref = tree_attention_reference(q, k, v, lengths, mask)
+        scores = jnp.einsum("bthd,bskd->bths", q.astype(jnp.float32), jnp.repeat(k, h // kvh, 2).astype(jnp.float32))
+    assert float(scores.max()) / np.sqrt(d) > 12.0  # the test really reaches float16's overflow
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_unified_max_falls_back_exactly_when_scores_leave_its_range():
     rng = np.random.default_rng()
     b, s, h, kvh, d = 2, 128, 4, 2, 64
