@@ -222,9 +222,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=None,
-                   help="KV cache slots per sequence (default: what the prompts, new tokens and tree need, "
-                        "rounded up to a multiple of 128)")
+    p.add_argument("--max-len", type=int, default=2048, help="KV cache slots per sequence")
     p.add_argument("--chat-template", choices=["auto", "plain"], default="auto")
     p.add_argument("--limit", type=int, default=None, help="only the first N conversations")
     p.set_defaults(func=cmd_distill)

@@ -156,9 +156,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
 
     Medusa: `medusa=None` uses the heads when the model has them, True requires them, False is vanilla.
     `tree` is a published tree's name, a JSON file or a list of paths (default: the heads' own tree,
-    model.tree, when their config carries one, else mc_sim_7b_63 trimmed to the heads' depth). `acceptance` is greedy (output == vanilla greedy), typical
-    (epsilon = posterior_threshold, delta = posterior_alpha) or rejection (lossless sampling). At
-    temperature 0 every rule is greedy.
+    model.tree, when their config carries one, else mc_sim_7b_63 trimmed to the heads' depth).
+    `acceptance` is greedy (output == vanilla greedy), typical (epsilon = posterior_threshold, delta =
+    posterior_alpha) or rejection (lossless sampling). At temperature 0 every rule is greedy.
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)

@@ -122,3 +122,11 @@ def test_convert_heads_and_model(model_dir, heads_dir, tmp_path, capsys):
     assert m.heads.num_heads == 3
     assert jaxmedusa.generate(m, [3, 4], max_new_tokens=6).tokens == \
         jaxmedusa.generate(orig, [3, 4], max_new_tokens=6).tokens
+
+
+def test_cache_size_defaults():
+    from jaxmedusa.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "x"]).max_len is None  # generate sizes the cache to the request
+    assert parser.parse_args(["distill", "--model", "m", "--data", "d", "--out", "o"]).max_len == 2048

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -115,14 +114,14 @@ def stage_tokenizer(work: pathlib.Path) -> None:
     print(f"tokenizer: vocab {fast.vocab_size}; 'def fibonacci(n):' -> {fast.convert_ids_to_tokens(ids)}")
 
 
-def jaxmedusa_train(config: pathlib.Path, work: pathlib.Path, *overrides: str) -> None:
+def jaxmedusa_train(config: pathlib.Path, *overrides: str) -> None:
     cmd = [sys.executable, "-m", "jaxmedusa", "train", str(config), *[f"--set={o}" for o in overrides]]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
 
 def stage_pretrain(work: pathlib.Path) -> None:
-    jaxmedusa_train(HERE / "pretrain.yaml", work, f"output_dir={work / 'pretrain'}",
+    jaxmedusa_train(HERE / "pretrain.yaml", f"output_dir={work / 'pretrain'}",
                     f"tokenizer={work / 'tokenizer'}", f"data={work / 'corpus' / 'train.jsonl'}",
                     f"eval_data={work / 'corpus' / 'heldout.jsonl'}")
 
@@ -147,7 +146,7 @@ def stage_distill(work: pathlib.Path) -> None:
 
 
 def stage_heads(work: pathlib.Path) -> None:
-    jaxmedusa_train(HERE / "heads.yaml", work, f"output_dir={work / 'heads'}", f"model={work / 'pretrain' / 'model'}",
+    jaxmedusa_train(HERE / "heads.yaml", f"output_dir={work / 'heads'}", f"model={work / 'pretrain' / 'model'}",
                     f"data={work / 'corpus' / 'distilled.jsonl'}", f"eval_data={work / 'corpus' / 'heldout.jsonl'}")
 
 
