@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmedusa
-from jaxmedusa.generate import cache_slots_needed
 from jaxmedusa.loading import DEFAULT_MODEL_DIR
 from jaxmedusa.tree import DEFAULT_TREE, grow_tree, published_trees
 
@@ -109,8 +108,6 @@ def main() -> None:
         acc = np.asarray(build["head_topk_accuracy"])
         for size in (2, 4, 8, 12, 24, 32, 48, 64):
             trees[f"grown-{size}"] = grow_tree(acc, size)[0]
-    need = max(cache_slots_needed(model, p, args.max_new_tokens, tree=t) for p in prompts for t in trees.values())
-    model.max_len = -(-need // 128) * 128  # as the CLI sizes it
 
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
                   prompts=len(prompts), max_new_tokens=args.max_new_tokens, max_len=model.max_len)

@@ -41,3 +41,8 @@ def write_kv(buf: jax.Array, layer: int, new: jax.Array, lengths: jax.Array) -> 
     rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
     slots = lengths[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
     return buf.at[layer, rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def write_prefix(buf: jax.Array, layer: int, new: jax.Array) -> jax.Array:
+    """Writes new [B, T, KVH, D] into buf[layer] at slots [0, T) (a prefill): one in-place slice update."""
+    return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, 0, 0, 0, 0))

@@ -25,8 +25,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=None,
-                   help="KV cache slots per sequence (default: what the prompts, new tokens and tree need, "
-                        "rounded up to a multiple of 128)")
+                   help="upper limit on KV cache slots per sequence (default: the model's maximum length); "
+                        "each request's cache is sized to what its prompts, new tokens and tree need")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids")
     p.add_argument("--heads", default=None, help="Medusa heads-only directory (official format)")
@@ -50,19 +50,13 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args) -> int:
     import jaxmedusa
 
-    from .generate import cache_slots_needed
-
     prompts = [_parse_ids(p) for p in args.prompts] if args.ids else list(args.prompts)
-    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len or 2048)
+    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len)
     if not args.ids and model.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer; pass token ids with --ids")
     use_medusa = model.heads is not None and not args.no_medusa
     if args.compare and not use_medusa:
         raise CLIError("--compare needs Medusa heads (--heads DIR or a Medusa-2 model directory)")
-    if args.max_len is None:  # a cache sized to the request: attention reads every slot on every step
-        need = cache_slots_needed(model, prompts, args.max_new_tokens, medusa=use_medusa, tree=args.tree,
-                                  top_k=args.top_k)
-        model.max_len = -(-need // 128) * 128
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     mkw = dict(kw, medusa=use_medusa, tree=args.tree, acceptance=args.acceptance, top_k=args.top_k)
     result = jaxmedusa.generate(model, prompts, **mkw)
@@ -258,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, OSError) as e:
+    except (CLIError, ValueError, FileNotFoundError, OSError, MemoryError) as e:
         if args.debug:
             raise
         print(f"jaxmedusa: error: {e}", file=sys.stderr)

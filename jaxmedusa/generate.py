@@ -17,6 +17,7 @@ from flax import nnx
 from .cache import KVCache
 from .compile_cache import call_compiled
 from .loading import Model
+from .memory import cache_bucket, check_request, clear_oom
 from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step
 from .sampling import choose_tokens
 from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, published_trees
@@ -164,9 +165,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
                    acceptance, top_k, posterior_threshold, posterior_alpha)
     graphdef, state = run.graphdef, run.state
     t0 = time.perf_counter()
-    (cache, hidden), c1 = call_compiled(prefill, (state, jnp.asarray(run.tokens), jnp.asarray(run.lens)),
-                                        dict(graphdef=graphdef, max_len=model.max_len, attn_impl=attn_impl))
-    jax.block_until_ready(hidden)
+    cache, hidden, c1 = _run_prefill(run, attn_impl)
     t1 = time.perf_counter()
     medusa_stats = None
     if run.use_medusa:
@@ -175,15 +174,17 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
         static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=run.tree,
                       max_new_tokens=max_new_tokens, acceptance=run.acceptance, use_top_p=top_p < 1.0,
                       attn_impl=attn_impl)
-        (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static)
-        out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
+        with clear_oom("the Medusa decode loop"):
+            (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static)
+            out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
         steps = medusa_stats.steps
     else:
         args = (state, cache, hidden, jax.random.key(seed), run.eos, run.params.temperature, run.params.top_p)
         static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
                       use_top_p=top_p < 1.0, attn_impl=attn_impl)
-        (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
-        out, counts, steps = jax.device_get((out, counts, steps))
+        with clear_oom("the decode loop"):
+            (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
+            out, counts, steps = jax.device_get((out, counts, steps))
     t2 = time.perf_counter()
     compile_seconds = c1 + c2
     run_seconds = t2 - t0 - compile_seconds
@@ -196,6 +197,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     steps = int(steps)
     stats = {
         "batch": len(run.ids),
+        "cache_slots": run.cache_len,
         "steps": steps,
         "new_tokens": new_tokens,
         # vanilla decoding emits exactly one token per active sequence per step
@@ -227,6 +229,21 @@ class _Run:
     acceptance: str
     graphdef: Any
     state: Any
+    cache_len: int  # KV-cache slots: the request's need rounded up to a bucket, at most model.max_len
+    config: Any
+    dtype: Any
+
+
+def _run_prefill(run: _Run, attn_impl) -> tuple[KVCache, jax.Array, float]:
+    """Prefills the request's cache, checked against free memory first. Returns (cache, hidden, compile s)."""
+    b, width = run.tokens.shape
+    check_request(run.config, run.dtype, b, run.cache_len, width)
+    with clear_oom("the prefill"):
+        (cache, hidden), seconds = call_compiled(
+            prefill, (run.state, jnp.asarray(run.tokens), jnp.asarray(run.lens)),
+            dict(graphdef=run.graphdef, max_len=run.cache_len, attn_impl=attn_impl))
+        jax.block_until_ready(hidden)
+    return cache, hidden, seconds
 
 
 def _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree, acceptance,
@@ -245,13 +262,17 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token
     tree_buf = resolve_model_tree(model, tree, top_k) if use_medusa else None
     ids = encode_prompts(model, prompts)
     eos = resolve_eos(model, eos_token_id)
-    tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens, tree_buf.size if use_medusa else 0)
+    tree_slots = tree_buf.size if use_medusa else 0
+    tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens, tree_slots)
+    need = int(lens.max()) + max_new_tokens + tree_slots
+    cache_len = max(cache_bucket(need, model.max_len), tokens.shape[1])
     params = AcceptanceParams(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                               jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
     graphdef, state = model.split()
     return _Run(ids=ids, tokens=tokens, lens=lens, use_medusa=use_medusa, tree=tree_buf,
                 eos=jnp.asarray(eos if eos else (-1,), jnp.int32), params=params,
-                acceptance=acceptance if temperature > 0 else "greedy", graphdef=graphdef, state=state)
+                acceptance=acceptance if temperature > 0 else "greedy", graphdef=graphdef, state=state,
+                cache_len=cache_len, config=model.config, dtype=model.dtype)
 
 
 def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -265,8 +286,7 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)
-    (cache, hidden), _ = call_compiled(prefill, (run.state, jnp.asarray(run.tokens), jnp.asarray(run.lens)),
-                                       dict(graphdef=run.graphdef, max_len=model.max_len, attn_impl=attn_impl))
+    cache, hidden, _ = _run_prefill(run, attn_impl)
     b = len(run.ids)
     done = jnp.zeros((b,), bool)
     key = jax.random.key(seed)
@@ -294,14 +314,6 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
             yield [[] if was_done[i] else [int(tok[i])] for i in range(b)]
             if bool(jnp.all(done)):
                 break
-
-
-def cache_slots_needed(model: Model, prompts, max_new_tokens: int, *, medusa: bool | None = None, tree=None,
-                       top_k: int = DEFAULT_TOP_K) -> int:
-    """KV-cache slots one generate() call needs: longest prompt + max_new_tokens + the tree's nodes."""
-    use_medusa = model.heads is not None if medusa is None else bool(medusa)
-    tree_slots = resolve_model_tree(model, tree, top_k).size if use_medusa and model.heads is not None else 0
-    return max(len(p) for p in encode_prompts(model, prompts)) + max_new_tokens + tree_slots
 
 
 def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:

@@ -110,7 +110,7 @@ def default_model_paths() -> tuple[str, str]:
 
 
 def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | None = None, dtype=None,
-         max_len: int = 2048) -> Model:
+         max_len: int | None = None) -> Model:
     """Loads a local HF Llama/Mistral/OPT model directory (config.json + safetensors or .bin weights).
 
     path None: the embedded default model (a small Llama trained on the Python standard library, with its
@@ -119,7 +119,9 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
     directory (medusa_head.* tensors inside the model weights) brings its heads without this argument.
     A `medusa_choices` list in the heads' config becomes the model's default tree.
     dtype: parameter/compute dtype; None means float32 on CPU and the checkpoint's dtype elsewhere.
-    max_len: KV-cache slots per sequence (prompt + generated tokens + one tree).
+    max_len: the most KV-cache slots a sequence may use (prompt + generated tokens + one tree); None: the
+    model's max_position_embeddings (capped by a sliding window). Each request's cache is sized to what it
+    needs (rounded up to a bucket), so a large max_len costs nothing until a request uses it.
     """
     if path is None:
         path, default_heads = default_model_paths()
@@ -128,6 +130,8 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     cfg = ModelConfig.from_json(model_dir)
+    if max_len is None:
+        max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
     if cfg.sliding_window is not None and max_len > cfg.sliding_window:
         raise ConfigError(f"max_len {max_len} exceeds the model's sliding_window {cfg.sliding_window}; "
                           f"sliding-window attention is not implemented, use max_len <= {cfg.sliding_window}")

@@ -60,6 +60,7 @@ def choose_root(logits, key, params: AcceptanceParams, *, acceptance: str, use_t
                                   ).astype(jnp.int32)
 
 
+@jax.named_scope("heads")
 def heads_top_k(heads, lm, hidden: jax.Array, top_k: int) -> jax.Array:
     """[B, H] hidden -> [B, K, top_k] each head's best tokens."""
     logits = heads(hidden, lm.logits)  # [K, B, V]
@@ -124,6 +125,34 @@ def _rejection_walk(tree: TreeBuffers, cand, probs, key):
     return nodes, acc_len, residual
 
 
+@jax.named_scope("acceptance")
+def _accept(tree: TreeBuffers, cand, logits, params: AcceptanceParams, k_walk, k_root, *, acceptance: str,
+            use_top_p: bool):
+    """The acceptance rule over the verified tree: (nodes [B, D+1], accepted length [B], next root [B])."""
+    rows = jnp.arange(cand.shape[0])
+    parent = jnp.asarray(np.maximum(tree.parent, 0))
+    if acceptance == "rejection":
+        probs = jax.nn.softmax(filtered_logits(logits, params.temperature, params.top_p, use_top_p), axis=-1)
+        nodes, acc_len, residual = _rejection_walk(tree, cand, probs, k_walk)
+        return nodes, acc_len, jax.random.categorical(k_root, jnp.log(residual)).astype(jnp.int32)
+    if acceptance == "greedy":
+        ok = cand == jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, parent]
+        score = jnp.zeros(cand.shape, jnp.float32)
+    else:  # typical
+        probs = jax.nn.softmax(logits / params.temperature, axis=-1)
+        logp = jnp.log(jnp.maximum(probs, 1e-30))
+        entropy = -jnp.sum(probs * logp, axis=-1)  # [B, T]
+        threshold = jnp.minimum(params.epsilon, params.delta * jnp.exp(-entropy))
+        p_cand = jnp.take_along_axis(probs[:, parent], cand[..., None], axis=-1)[..., 0]
+        ok = p_cand > threshold[:, parent]
+        score = jnp.log(jnp.maximum(p_cand, 1e-30))
+    nodes, acc_len = _path_posterior(tree, ok, score)
+    last = nodes[rows, acc_len]  # the bonus token comes from the LM at the last accepted node
+    root = choose_root(logits[rows, last], k_root, params, acceptance=acceptance, use_top_p=use_top_p)
+    return nodes, acc_len, root
+
+
+@jax.named_scope("compaction")
 def _compact_kv(cache: KVCache, nodes) -> KVCache:
     """Moves the accepted nodes' K/V from tree slots lengths + node to lengths + j (gather, then scatter)."""
     b, n = nodes.shape
@@ -144,37 +173,18 @@ def medusa_step(lm, heads, tree: TreeBuffers, state: StepState, params: Acceptan
     cache = state.cache
     b = cache.batch
     rows = jnp.arange(b)
-    cand = _candidates(tree, state.root, state.head_top)
-    positions = cache.lengths[:, None] + jnp.asarray(tree.depth)[None]
+    with jax.named_scope("candidates"):
+        cand = _candidates(tree, state.root, state.head_top)
+        positions = cache.lengths[:, None] + jnp.asarray(tree.depth)[None]
     hidden, cache = lm(cand, positions, cache, jnp.asarray(tree.mask), attn_impl=attn_impl)
     logits = lm.logits(hidden)  # [B, T, V]
     key, k_walk, k_root = jax.random.split(state.key, 3)
-    parent = jnp.asarray(np.maximum(tree.parent, 0))
-
-    if acceptance == "rejection":
-        probs = jax.nn.softmax(filtered_logits(logits, params.temperature, params.top_p, use_top_p), axis=-1)
-        nodes, acc_len, residual = _rejection_walk(tree, cand, probs, k_walk)
-        root = jax.random.categorical(k_root, jnp.log(residual)).astype(jnp.int32)
-    else:
-        if acceptance == "greedy":
-            ok = cand == jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, parent]
-            score = jnp.zeros(cand.shape, jnp.float32)
-        else:  # typical
-            probs = jax.nn.softmax(logits / params.temperature, axis=-1)
-            logp = jnp.log(jnp.maximum(probs, 1e-30))
-            entropy = -jnp.sum(probs * logp, axis=-1)  # [B, T]
-            threshold = jnp.minimum(params.epsilon, params.delta * jnp.exp(-entropy))
-            p_cand = jnp.take_along_axis(probs[:, parent], cand[..., None], axis=-1)[..., 0]
-            ok = p_cand > threshold[:, parent]
-            score = jnp.log(jnp.maximum(p_cand, 1e-30))
-        nodes, acc_len = _path_posterior(tree, ok, score)
-
-    last = nodes[rows, acc_len]
-    if acceptance != "rejection":  # the bonus token comes from the LM at the last accepted node
-        root = choose_root(logits[rows, last], k_root, params, acceptance=acceptance, use_top_p=use_top_p)
+    nodes, acc_len, root = _accept(tree, cand, logits, params, k_walk, k_root, acceptance=acceptance,
+                                   use_top_p=use_top_p)
     count = jnp.where(active, acc_len + 1, 0)
     cache = _compact_kv(cache, nodes)
     cache = cache._replace(lengths=cache.lengths + count)
+    last = nodes[rows, acc_len]  # heads read the hidden state of the last accepted node
     head_top = heads_top_k(heads, lm, hidden[rows, last], tree.top_k)
     tokens = cand[rows[:, None], jnp.maximum(nodes, 0)]
     new_state = StepState(cache=cache, root=jnp.where(active, root, state.root),

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmedusa.kernels import attention
+from jaxmedusa.kernels import attention, prefill_attention
 
-from .cache import KVCache, write_kv
+from .cache import KVCache, write_kv, write_prefix
 from .config import ModelConfig
 from .rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -27,6 +27,7 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
         self.eps = eps
 
+    @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -36,20 +37,31 @@ class RMSNorm(nnx.Module):
 def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, prefill: bool, attn_impl):
     """Writes k/v [B, T, KVH, D] into the cache at [lengths, lengths + T) and attends q [B, T, H, D] over it.
 
-    cache=None: causal attention over these T tokens alone (training). Returns (o [B, T, H, D], cache).
+    cache=None: causal attention over these T tokens alone (training). prefill=True: the cache is empty
+    (lengths 0) and tree_mask causal, so K/V go in at slot 0 and flash attention runs on the fresh K/V
+    without reading the cache. Returns (o [B, T, H, D], cache).
     """
     if cache is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True), None
-    ck = write_kv(cache.k, layer, k, cache.lengths)
-    cv = write_kv(cache.v, layer, v, cache.lengths)
-    o = attention(q, ck, cv, cache.lengths, tree_mask, prefill=prefill, impl=attn_impl, layer=layer)
+        with jax.named_scope("attention"):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True), None
+    with jax.named_scope("kv_write"):
+        if prefill:
+            ck, cv = write_prefix(cache.k, layer, k), write_prefix(cache.v, layer, v)
+        else:
+            ck, cv = write_kv(cache.k, layer, k, cache.lengths), write_kv(cache.v, layer, v, cache.lengths)
+    with jax.named_scope("attention"):
+        if prefill:
+            o = prefill_attention(q, k, v, impl=attn_impl)
+        else:
+            o = attention(q, ck, cv, cache.lengths, tree_mask, impl=attn_impl, layer=layer)
     return o, cache._replace(k=ck, v=cv)
 
 
 def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden: jax.Array) -> jax.Array:
     """float32 logits from the untied lm_head, or from the token embeddings when they are tied."""
-    out = embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
-    return out.astype(jnp.float32)
+    with jax.named_scope("lm_head"):
+        out = embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
+        return out.astype(jnp.float32)
 
 
 def linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -69,12 +81,15 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, tree_mask, prefill: bool, attn_impl):
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        with jax.named_scope("qkv_proj"):
+            q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+            k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o, cache = cached_attention(q, k, v, cache, layer, tree_mask, prefill, attn_impl)
-        return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
+        with jax.named_scope("o_proj"):
+            return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -87,7 +102,8 @@ class MLP(nnx.Module):
         self.down_proj = linear(i, h, cfg.mlp_bias, dtype, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        with jax.named_scope("mlp"):
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):

@@ -24,6 +24,7 @@ def filtered_logits(logits: jax.Array, temperature: jax.Array | float, top_p: ja
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
+@jax.named_scope("sampling")
 def choose_tokens(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bool,
                   use_top_p: bool) -> jax.Array:
     """One token per row of logits [B, V] -> [B] int32."""

@@ -2,8 +2,9 @@
 dispatcher the model calls."""
 
 from .attention_pallas import decode_attention, kernel_supports, tree_attention
-from .dispatch import IMPLS, attention, resolve_impl
-from .reference import decode_attention_reference, tree_attention_reference
+from .dispatch import IMPLS, attention, cudnn_supports, prefill_attention, resolve_impl, resolve_prefill_impl
+from .reference import causal_attention_blockwise, decode_attention_reference, tree_attention_reference
 
-__all__ = ["IMPLS", "attention", "kernel_supports", "resolve_impl", "decode_attention", "tree_attention",
+__all__ = ["IMPLS", "attention", "prefill_attention", "resolve_prefill_impl", "cudnn_supports",
+           "causal_attention_blockwise", "kernel_supports", "resolve_impl", "decode_attention", "tree_attention",
            "decode_attention_reference", "tree_attention_reference"]

@@ -6,12 +6,16 @@ Implementations:
   "interpret"  the same Pallas kernels in interpret mode (CPU); slow, for tests.
   "auto"       "pallas" on GPU, "reference" elsewhere (the default).
 Choose with `impl=` (the model's `attn_impl`) or the JAXMEDUSA_ATTENTION environment variable.
-Prompt prefill (many tokens over an empty cache) always uses the reference: it is one causal block,
-not cache-bound decoding.
+
+Prompt prefill (a causal block of T tokens over an empty cache) is flash attention on the fresh K/V,
+never reading the cache: cuDNN's fused kernel (`jax.nn.dot_product_attention(implementation="cudnn")`)
+on a GPU for float16/bfloat16, else the blockwise reference (query blocks, O(T * block) memory, never
+[T, T] scores). JAXMEDUSA_PREFILL=auto|cudnn|blockwise overrides the choice (for benchmarks).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -22,6 +26,8 @@ from .attention_pallas import kernel_supports
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
+PREFILL_IMPLS = ("auto", "cudnn", "blockwise")
+PREFILL_ENV_VAR = "JAXMEDUSA_PREFILL"
 
 
 def resolve_impl(impl: str | None = None) -> str:
@@ -47,10 +53,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
     chosen = resolve_impl(impl)
     t = q.shape[1]
     if prefill:
-        zeros = jnp.zeros_like(lengths)
         if layer is not None:
             k, v = k[layer], v[layer]
-        return reference.tree_attention_reference(q, k[:, :t], v[:, :t], zeros, tree_mask, sm_scale=sm_scale)
+        return prefill_attention(q, k[:, :t], v[:, :t], sm_scale=sm_scale, impl=impl)
     if chosen in ("pallas", "interpret") and not kernel_supports(q.shape[-1]):
         if impl or os.environ.get(ENV_VAR):
             raise ValueError(f"attention impl {chosen!r} needs head_dim a power of two >= 16, got {q.shape[-1]}")
@@ -67,3 +72,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
                                                  interpret=interpret, layer=layer)[:, None]
     return attention_pallas.tree_attention(q, k, v, lengths, tree_mask, sm_scale=sm_scale, interpret=interpret,
                                            layer=layer)
+
+
+def cudnn_supports(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention takes this case (GPU, float16/bfloat16, head_dim <= 128, multiple of 8)."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
+            and head_dim <= 128 and head_dim % 8 == 0)
+
+
+def resolve_prefill_impl(dtype, head_dim: int, impl: str | None = None) -> str:
+    """"cudnn" or "blockwise" for a prompt prefill; `impl` is the model's attn_impl ("reference" and
+    "interpret" mean the reference), JAXMEDUSA_PREFILL overrides."""
+    choice = os.environ.get(PREFILL_ENV_VAR) or "auto"
+    if choice not in PREFILL_IMPLS:
+        raise ValueError(f"prefill impl {choice!r} ({PREFILL_ENV_VAR}) is not one of {', '.join(PREFILL_IMPLS)}")
+    if choice == "cudnn" and not cudnn_supports(dtype, head_dim):
+        raise ValueError(f"{PREFILL_ENV_VAR}=cudnn needs a GPU, float16/bfloat16 and head_dim <= 128 (a multiple "
+                         f"of 8); got {jax.default_backend()}, {jnp.dtype(dtype).name}, head_dim {head_dim}")
+    if choice != "auto":
+        return choice
+    if resolve_impl(impl) in ("reference", "interpret"):
+        return "blockwise"
+    return "cudnn" if cudnn_supports(dtype, head_dim) else "blockwise"
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: float | None = None,
+                      impl: str | None = None) -> jax.Array:
+    """Causal attention of a (right-padded) prompt q [B, T, H, D] over its own k/v [B, T, KVH, D]."""
+    chosen = resolve_prefill_impl(q.dtype, q.shape[-1], impl)
+    if chosen == "cudnn":
+        scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
+    return reference.causal_attention_blockwise(q, k, v, sm_scale=sm_scale)

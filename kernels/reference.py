@@ -70,3 +70,35 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
     """q [B, H, D] over cache slots [0, lengths) -> [B, H, D]."""
     mask = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :] < lengths.astype(jnp.int32)[:, None, None]
     return masked_attention(q[:, None], k, v, mask, sm_scale)[:, 0]
+
+
+def prefill_block_rows(batch: int, heads: int, t: int, budget_bytes: int = 1 << 28) -> int:
+    """Query rows per block so one block's float32 scores [B, H, rows, T] stay within budget_bytes."""
+    rows = budget_bytes // max(1, 4 * batch * heads * t)
+    return int(max(16, min(1024, 1 << max(0, int(rows).bit_length() - 1))))
+
+
+def causal_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: float | None = None,
+                               block_rows: int | None = None) -> jax.Array:
+    """Causal self-attention of a prompt, q [B, T, H, D] over its own k/v [B, T, KVH, D], in blocks of query
+    rows (lax.map), so memory is O(T * block) rather than O(T^2). Same numerics as masked_attention.
+
+    Right-padded ragged prompts need no lengths: causality keeps every real row off the padding after it.
+    """
+    b, t, h, d = q.shape
+    rows = block_rows or prefill_block_rows(b, h, t)
+    if rows >= t:
+        return masked_attention(q, k, v, jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)), sm_scale)
+    n = -(-t // rows)
+    qp = jnp.pad(q, ((0, 0), (0, n * rows - t), (0, 0), (0, 0)))
+    blocks = jnp.moveaxis(qp.reshape(b, n, rows, h, d), 1, 0)  # [n, B, rows, H, D]
+    cols = jnp.arange(t, dtype=jnp.int32)
+
+    def one(args):
+        i, qb = args
+        pos = i * rows + jnp.arange(rows, dtype=jnp.int32)
+        mask = jnp.broadcast_to(pos[:, None] >= cols[None, :], (b, rows, t))
+        return masked_attention(qb, k, v, mask, sm_scale)
+
+    out = jax.lax.map(one, (jnp.arange(n, dtype=jnp.int32), blocks))  # [n, B, rows, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * rows, h, d)[:, :t]

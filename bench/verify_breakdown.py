@@ -1,0 +1,221 @@
+"""Where the time of one Medusa verify step goes, next to one vanilla step: a per-op-family breakdown.
+
+    python bench/verify_breakdown.py                       # Llama-2-7B shapes, bf16, GPU
+    python bench/verify_breakdown.py --smoke               # tiny shapes, any backend (checks the script)
+
+For each (batch, prompt, tree size T) it runs the jitted on-device loop generate() runs (T = 1: the
+vanilla `decode_loop`; T > 1: `medusa_loop` with random heads, so every step verifies the whole tree),
+times it in the loop (best of --repeats, per step), then records one run with the JAX profiler and sums
+the device time of every kernel by op family. A kernel's family comes from the named scope its HLO
+instruction was traced under (jax.named_scope in the model and the Medusa step: qkv_proj, rope,
+kv_write, attention, o_proj, mlp, norm, lm_head, sampling, candidates, acceptance, compaction, heads);
+"other" is everything outside those scopes (loop bookkeeping), and "idle" is the step time no kernel
+covers (launch gaps, the while loop's host round trip). Writes bench/results/verify-breakdown-DATE-DEVICE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+FAMILIES = ("heads", "candidates", "acceptance", "compaction", "sampling", "lm_head", "kv_write", "attention",
+            "qkv_proj", "rope", "o_proj", "mlp", "norm")
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s.*?op_name="([^"]*)"')
+
+
+def scope_map(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name (and its kernel-style spelling, '.' -> '_') -> op family."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        parts = m.group(2).split("/")
+        fam = next((p for p in parts if p in FAMILIES), "other")
+        out[m.group(1)] = fam
+        out[m.group(1).replace(".", "_")] = fam
+    return out
+
+
+def kernel_events(trace_dir: str):
+    """(name, duration ns, hlo_op or None) of every device kernel in the newest trace under trace_dir; on
+    CPU, the host's XLA op events."""
+    from jax.profiler import ProfileData
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    data = ProfileData.from_file(path)
+    gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    events, lines = [], []
+    for plane in gpu or [p for p in data.planes if p.name == "/host:CPU"]:
+        for line in plane.lines:
+            lines.append(f"{plane.name}:{line.name}")
+            if gpu and "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                if not gpu and "hlo_op" not in stats:
+                    continue
+                events.append((ev.name, float(ev.duration_ns), stats.get("hlo_op")))
+    return events, lines
+
+
+def family_of(name: str, hlo_op: str | None, scopes: dict[str, str]) -> str:
+    for key in (hlo_op, name, re.sub(r"_(\d+)$", r".\1", name or "")):
+        if key and key in scopes:
+            return scopes[key]
+    low = (name or "").lower()
+    if "attention" in low:
+        return "attention"
+    if any(s in low for s in ("gemm", "xmma", "nvjet", "cutlass", "gemv")):
+        return "gemm (unattributed)"
+    return "unattributed"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 32, 64])
+    ap.add_argument("--heads", choices=["own", "shared"], nargs="+", default=["own", "shared"],
+                    help="Medusa-1 heads with their own vocab projections, and/or heads sharing the lm_head")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        args.model, args.batch, args.prompts, args.tree_sizes, args.steps = "smoke", [2], [64], [1, 16], 4
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from e2e import MODELS, device_name, tree_of_size
+    from jaxmedusa.architectures import create_lm
+    from jaxmedusa.cache import KVCache
+    from jaxmedusa.config import ModelConfig
+    from jaxmedusa.generate import decode_loop
+    from jaxmedusa.heads import MedusaHeads
+    from jaxmedusa.medusa import AcceptanceParams, medusa_loop
+    from jaxmedusa.tree import build_tree
+
+    cfg = ModelConfig.from_hf_dict(MODELS[args.model])
+    dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    lm = create_lm(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(lm)
+    heads = {kind: nnx.split(MedusaHeads.for_model(lm, 4, 1, shared_lm_head=kind == "shared", rngs=nnx.Rngs(1)))
+             for kind in args.heads}
+    n = args.steps
+    key = jax.random.key(0)
+    eos = jnp.asarray([-1], jnp.int32)
+    params = AcceptanceParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.09), jnp.float32(0.3))
+    rows = []
+    trace_root = tempfile.mkdtemp(prefix="verify-trace-")
+    for b in args.batch:
+        max_len = max(args.prompts) + n * 5 + max(args.tree_sizes) + 16
+        shape = (cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim)
+        cache = KVCache(jax.random.normal(key, shape, dtype), jax.random.normal(jax.random.key(1), shape, dtype),
+                        jnp.zeros((b,), jnp.int32))
+        hidden = jax.random.normal(key, (b, cfg.embed_dim), dtype)
+        for p in args.prompts:
+            for t in args.tree_sizes:
+                for kind in (["-"] if t == 1 else args.heads):
+                    c = cache._replace(lengths=jnp.full((b,), p, jnp.int32))
+                    if t == 1:
+                        fn, fargs = decode_loop, (state, c, hidden, key, eos, jnp.float32(1.0), jnp.float32(1.0))
+                        static = dict(graphdef=graphdef, max_new_tokens=n, greedy=True, use_top_p=False)
+                    else:
+                        hg, hs = heads[kind]
+                        fn, fargs = medusa_loop, (state, hs, c, hidden, key, eos, params)
+                        static = dict(graphdef=graphdef, heads_graphdef=hg, tree=build_tree(tree_of_size(t), num_heads=4),
+                                      max_new_tokens=n, acceptance="greedy", use_top_p=False)
+                    compiled = fn.lower(*fargs, **static).compile()
+                    scopes = scope_map(compiled.as_text())
+
+                    def run(cache_in):
+                        a = (fargs[0], cache_in) + fargs[2:] if t == 1 else fargs[:2] + (cache_in,) + fargs[3:]
+                        out = compiled(*a)
+                        jax.block_until_ready(out)
+                        steps = int(out[2]) if t == 1 else int(out[2].steps)
+                        return out[-1], steps
+
+                    c, steps = run(c)  # warm-up
+                    best = float("inf")
+                    for _ in range(args.repeats):
+                        c = c._replace(lengths=jnp.full((b,), p, jnp.int32))
+                        t0 = time.perf_counter()
+                        c, steps = run(c)
+                        best = min(best, time.perf_counter() - t0)
+                    trace_dir = os.path.join(trace_root, f"b{b}-p{p}-t{t}-{kind}")
+                    c = c._replace(lengths=jnp.full((b,), p, jnp.int32))
+                    jax.profiler.start_trace(trace_dir)
+                    c, steps = run(c)
+                    jax.profiler.stop_trace()
+                    cache = c
+                    events, lines = kernel_events(trace_dir)
+                    fam = collections.Counter()
+                    top = collections.Counter()
+                    for name, ns, hlo_op in events:
+                        f = family_of(name, hlo_op, scopes)
+                        fam[f] += ns / 1e6 / steps
+                        top[(f, name)] += ns / 1e6 / steps
+                    step_ms = best / steps * 1e3
+                    busy = sum(fam.values())
+                    row = dict(batch=b, prompt=p, tree_nodes=t, heads=kind, step_ms=step_ms, kernel_ms=busy,
+                               idle_ms=max(0.0, step_ms - busy), families=dict(fam),
+                               top_kernels=[dict(family=f, kernel=k, ms=v) for (f, k), v in top.most_common(25)],
+                               kernels_per_step=len(events) / steps, trace_lines=sorted(set(lines))[:20],
+                               attributed_by_hlo_op=sum(1 for e in events if e[2]) / max(1, len(events)))
+                    rows.append(row)
+                    print(f"B={b} P={p} T={t} heads={kind}: {step_ms:.3f} ms/step, kernels {busy:.3f} ms "
+                          f"({row['kernels_per_step']:.0f}/step), idle {row['idle_ms']:.3f} ms", flush=True)
+        del cache
+    import jax as _jax
+
+    result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=_jax.__version__,
+                  model=args.model, dtype=str(jnp.dtype(dtype)), steps=n, rows=rows)
+    out = args.out or os.path.join(HERE, "results", f"verify-breakdown-{result['date']}-"
+                                                    f"{result['device'].replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, out)
+    print_table(result)
+    print(f"wrote {out}")
+
+
+def print_table(result: dict) -> None:
+    """ms per step by family, one column per configuration; the vanilla column first within each group."""
+    rows = result["rows"]
+    fams = sorted({f for r in rows for f in r["families"]}, key=lambda f: (FAMILIES + ("other",)).index(f)
+                  if f in FAMILIES + ("other",) else 99)
+    for b in sorted({r["batch"] for r in rows}):
+        for p in sorted({r["prompt"] for r in rows if r["batch"] == b}):
+            group = [r for r in rows if r["batch"] == b and r["prompt"] == p]
+            base = next((r for r in group if r["tree_nodes"] == 1), None)
+            heads = [f"T={r['tree_nodes']}{'' if r['heads'] == '-' else '/' + r['heads']}" for r in group]
+            print(f"\n{result['model']} B={b} prompt={p} ({result['device']}), ms per step")
+            print(f"{'family':<22}" + "".join(f"{h:>12}" for h in heads))
+            for f in fams:
+                print(f"{f:<22}" + "".join(f"{r['families'].get(f, 0.0):>12.3f}" for r in group))
+            for label, key in (("kernels (sum)", "kernel_ms"), ("idle", "idle_ms"), ("step", "step_ms")):
+                print(f"{label:<22}" + "".join(f"{r[key]:>12.3f}" for r in group))
+            if base:
+                print(f"{'ratio to vanilla':<22}" + "".join(f"{r['step_ms'] / base['step_ms']:>12.3f}" for r in group))
+
+
+if __name__ == "__main__":
+    main()
