@@ -40,7 +40,10 @@ def write_kv(buf: jax.Array, layer: int, new: jax.Array, lengths: jax.Array) -> 
     b, t = new.shape[:2]
     rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
     slots = lengths[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return buf.at[layer, rows, slots].set(new.astype(buf.dtype), mode="drop")
+    # each (row, slot) is written once and the indices come sorted: XLA emits a plain parallel copy
+    # instead of a scatter that must serialise possibly colliding updates
+    return buf.at[layer, rows, slots].set(new.astype(buf.dtype), mode="drop", unique_indices=True,
+                                          indices_are_sorted=True)
 
 
 def write_prefix(buf: jax.Array, layer: int, new: jax.Array) -> jax.Array:

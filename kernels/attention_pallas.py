@@ -9,8 +9,10 @@ One kernel serves both entry points. For each (sequence, KV head) it takes all q
 that KV head (T tree tokens x G grouped query heads = M rows) and streams the live cache prefix
 [0, length) through them in blocks of `block_k` slots: a [M, D] x [D, block_k] GEMM per block, so the
 cache is read once whatever T is (FlashDecoding++'s flat GEMM). The prefix is split into `num_splits`
-chunks sized by the live length (not the cache capacity), each program writing a float32 partial; a
-tiny masked T x T block over the tree slots is done in plain JAX, and everything is merged at the end.
+chunks sized by the live length (not the cache capacity), each program writing a float32 partial; the
+tree's own T x T block is one more program per (sequence, KV head, row tile) in the same launch, masked
+per row by the tree, and everything is merged at the end by one log-sum-exp (a plain sum under the
+unified max).
 
 Unified max (FlashDecoding++): with `unified_max=phi` every partial accumulates exp(s - phi) against one
 fixed reference instead of its own running maximum, so partials from different splits (and the tree
@@ -47,109 +49,116 @@ def kernel_supports(head_dim: int) -> bool:
     return _pow2_at_least_16(head_dim)
 
 
-def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, r_ref, l_ref, *, block_k: int, num_splits: int,
-                   sm_scale: float, phi: float | None):
-    """One (sequence, KV head, row tile, split): partial attention of block_m rows over its prefix chunk.
+def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, num_splits: int, sm_scale: float,
+                   phi: float | None, tree_slots: int | None):
+    """One (sequence, KV head, row tile, split): partial attention of block_m rows over its part of the cache.
 
+    Splits 0 .. num_splits - 1 cover the prefix [0, length); with a tree (tree_slots = T), split num_splits
+    covers the tree slots [length, length + T), visible per row as m_ref [block_m, Tp] says (the T x T
+    tree block fused into the same kernel: no separate gather, GEMMs or concatenation).
     Writes acc = sum_j exp(s_j - r) v_j, l = sum_j exp(s_j - r) and the reference r used per row.
     """
+    m_ref, (o_ref, r_ref, l_ref) = (refs[0], refs[1:]) if tree_slots else (None, refs)
     split = pl.program_id(3)
     length = len_ref[()]
-    chunk = pl.cdiv(pl.cdiv(length, num_splits), block_k) * block_k
-    start = split * chunk
-    end = jnp.minimum(start + chunk, length)
     q = q_ref[...]
     block_m, d = q.shape
     cols = jnp.arange(block_k, dtype=jnp.int32)
 
-    def body(i, carry):
-        acc, r, mx, l = carry
-        off = start + i * block_k
-        valid = off + cols < end
-        k = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
-        v = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
-        s = jnp.where(valid[None, :], s, -jnp.inf)
-        mx = jnp.maximum(mx, jnp.max(s, axis=1))  # running max of the true scores
-        if phi is None:  # exact online softmax: the reference is the running max
-            r_new = mx
-        else:  # unified max: keep the fixed reference while the running max stays near it
-            r_new = jnp.where(jnp.abs(mx - r) > UNIFIED_MAX_MARGIN, mx, r)
-        alpha = jnp.exp(r - r_new)  # 1 wherever the reference did not move
-        p = jnp.exp(s - r_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, r_new, mx, l
+    def attend(start, end, tree: bool):
+        def body(i, carry):
+            acc, r, mx, l = carry
+            off = start + i * block_k
+            valid = off + cols < end
+            k = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
+            s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
+            visible = valid[None, :]
+            if tree:
+                visible = visible & (m_ref[:, pl.ds(i * block_k, block_k)] != 0)
+            s = jnp.where(visible, s, -jnp.inf)
+            mx = jnp.maximum(mx, jnp.max(s, axis=1))  # running max of the true scores
+            if phi is None:  # exact online softmax: the reference is the running max
+                r_new = mx
+            else:  # unified max: keep the fixed reference while the running max stays near it
+                r_new = jnp.where(jnp.abs(mx - r) > UNIFIED_MAX_MARGIN, mx, r)
+            alpha = jnp.exp(r - r_new)  # 1 wherever the reference did not move
+            p = jnp.exp(s - r_new[:, None])
+            l = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            return acc, r_new, mx, l
 
-    r0 = jnp.full((block_m,), _NEG if phi is None else phi, jnp.float32)
-    init = (jnp.zeros((block_m, d), jnp.float32), r0, jnp.full((block_m,), _NEG, jnp.float32),
-            jnp.zeros((block_m,), jnp.float32))
-    n_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
-    acc, r, _, l = lax.fori_loop(0, n_blocks, body, init)
-    o_ref[...] = acc
-    r_ref[...] = r
-    l_ref[...] = l
+        r0 = jnp.full((block_m,), _NEG if phi is None else phi, jnp.float32)
+        init = (jnp.zeros((block_m, d), jnp.float32), r0, jnp.full((block_m,), _NEG, jnp.float32),
+                jnp.zeros((block_m,), jnp.float32))
+        n_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
+        acc, r, _, l = lax.fori_loop(0, n_blocks, body, init)
+        o_ref[...] = acc
+        r_ref[...] = r
+        l_ref[...] = l
+
+    chunk = pl.cdiv(pl.cdiv(length, num_splits), block_k) * block_k
+    start = jnp.minimum(split, num_splits - 1) * chunk
+    if not tree_slots:
+        attend(start, jnp.minimum(start + chunk, length), False)
+        return
+
+    @pl.when(split < num_splits)
+    def _prefix():
+        attend(start, jnp.minimum(start + chunk, length), False)
+
+    @pl.when(split == num_splits)
+    def _tree():
+        attend(length, length + tree_slots, True)
 
 
-def _prefix_partials(q4, k, v, lengths, *, sm_scale, phi, block_m, block_k, num_splits, num_warps, num_stages,
-                     interpret, layer):
+def _prefix_partials(q4, k, v, lengths, tree_rows=None, tree_slots=None, *, sm_scale, phi, block_m, block_k, num_splits, num_warps,
+                     num_stages, interpret, layer):
     """q4 [B, KVH, Mp, D] over cache k/v [B, S, KVH, D] slots [0, lengths) (or layer `layer` of a stacked
-    cache [L, B, S, KVH, D], read in place: slicing the layer out first would copy it every call).
+    cache [L, B, S, KVH, D], read in place: slicing the layer out first would copy it every call), plus,
+    with tree_rows [Mp, Tp] (int32, which tree slot each row sees; Tp = tree_slots T padded to block_k), one
+    more partial over the tree slots [lengths, lengths + T).
 
-    Returns float32 partials o [B, KVH, splits, Mp, D], r (reference), l [B, KVH, splits, Mp].
+    Returns float32 partials o [B, KVH, P, Mp, D], r (reference), l [B, KVH, P, Mp], P = splits (+ 1).
     """
     b, kvh, mp, d = q4.shape
     s = k.shape[-3]
-    grid = (b, kvh, mp // block_m, num_splits)
-    kernel = functools.partial(_prefix_kernel, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale, phi=phi)
+    parts = num_splits + (tree_rows is not None)
+    grid = (b, kvh, mp // block_m, parts)
+    kernel = functools.partial(_prefix_kernel, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale, phi=phi,
+                               tree_slots=tree_slots)
     if layer is None:
         kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, mt, sp: (bi, 0, h, 0))
     else:
         kv_spec = pl.BlockSpec((None, None, s, None, d), lambda bi, h, mt, sp: (layer, bi, 0, h, 0))
+    in_specs = [
+        pl.BlockSpec((None,), lambda bi, h, mt, sp: (bi,)),
+        pl.BlockSpec((None, None, block_m, d), lambda bi, h, mt, sp: (bi, h, mt, 0)),
+        kv_spec,
+        kv_spec,
+    ]
+    args = [lengths.astype(jnp.int32), q4, k, v]
+    if tree_rows is not None:
+        in_specs.append(pl.BlockSpec((block_m, tree_rows.shape[1]), lambda bi, h, mt, sp: (mt, 0)))
+        args.append(tree_rows)
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[
-            pl.BlockSpec((None,), lambda bi, h, mt, sp: (bi,)),
-            pl.BlockSpec((None, None, block_m, d), lambda bi, h, mt, sp: (bi, h, mt, 0)),
-            kv_spec,
-            kv_spec,
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, block_m, d), lambda bi, h, mt, sp: (bi, h, sp, mt, 0)),
             pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
             pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, kvh, num_splits, mp, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, kvh, num_splits, mp), jnp.float32),
-            jax.ShapeDtypeStruct((b, kvh, num_splits, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kvh, parts, mp, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, kvh, parts, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kvh, parts, mp), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxmedusa_prefix_attention",
-    )(lengths.astype(jnp.int32), q4, k, v)
-
-
-def _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi, layer):
-    """The T x T tree part in plain JAX: q5 [B, KVH, T, G, D] over tree slots [lengths, lengths + T).
-
-    Returns o [B, KVH, T, G, D], r, l [B, KVH, T, G] (float32), with the kernel's reference convention.
-    """
-    b, t = q5.shape[0], q5.shape[2]
-    slots = jnp.minimum(lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], k.shape[-3] - 1)
-    rows = jnp.arange(b)[:, None]
-    if layer is None:
-        kt, vt = k[rows, slots], v[rows, slots]  # [B, T, KVH, D], gathered without slicing the cache
-    else:
-        kt, vt = k[layer, rows, slots], v[layer, rows, slots]
-    s = jnp.einsum("bktgd,bukd->bktgu", q5, kt, preferred_element_type=jnp.float32) * sm_scale
-    s = jnp.where(tree_mask[None, None, :, None, :], s, -jnp.inf)
-    mx = jnp.maximum(jnp.max(s, axis=-1), _NEG)
-    r = mx if phi is None else jnp.where(jnp.abs(mx - phi) > UNIFIED_MAX_MARGIN, mx, phi)
-    p = jnp.exp(s - r[..., None])
-    o = jnp.einsum("bktgu,bukd->bktgd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
-    return o, r, jnp.sum(p, axis=-1)
+    )(*args)
 
 
 def _merge(o, r, l):
@@ -196,17 +205,18 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     # exp(s - phi) is cast to v's dtype for the P.V dot: float16 tops out at e^11, far inside the margin
     # (scores of a real fp16 model reach it), so float16 takes the exact softmax, where p <= 1 always.
     phi = None if unified_max is None or v.dtype == jnp.float16 else float(unified_max)
-    o, r, l = _prefix_partials(q4, k, v, lengths, sm_scale=sm_scale, phi=phi, block_m=block_m, block_k=block_k,
-                               num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+    tree_rows = None
+    if tree_mask is not None:  # row t * G + g sees tree slot u iff tree_mask[t, u]; padded to [Mp, Tp]
+        tp = pl.cdiv(t, block_k) * block_k
+        tree_rows = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=0)
+        tree_rows = jnp.pad(tree_rows, ((0, mp - rows), (0, tp - t)))
+    o, r, l = _prefix_partials(q4, k, v, lengths, tree_rows, None if tree_rows is None else t, sm_scale=sm_scale, phi=phi, block_m=block_m,
+                               block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                                interpret=interpret, layer=layer)
-    o = o[:, :, :, :rows].reshape(b, kvh, num_splits, t, g, d)
-    r = r[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
-    l = l[:, :, :, :rows].reshape(b, kvh, num_splits, t, g)
-    if tree_mask is not None:
-        to, tr, tl = _tree_block(q5, k, v, lengths, tree_mask, sm_scale, phi, layer)
-        o = jnp.concatenate([o, to[:, :, None]], axis=2)
-        r = jnp.concatenate([r, tr[:, :, None]], axis=2)
-        l = jnp.concatenate([l, tl[:, :, None]], axis=2)
+    parts = o.shape[2]
+    o = o[:, :, :, :rows].reshape(b, kvh, parts, t, g, d)
+    r = r[:, :, :, :rows].reshape(b, kvh, parts, t, g)
+    l = l[:, :, :, :rows].reshape(b, kvh, parts, t, g)
     return _merge(o, r, l)
 
 
