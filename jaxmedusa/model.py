@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmedusa.kernels import attention, prefill_attention
+from jaxmedusa.kernels import attention, matmul, prefill_attention
 
 from .cache import KVCache, write_kv, write_prefix
 from .config import ModelConfig
@@ -64,9 +64,20 @@ def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden: 
         return out.astype(jnp.float32)
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear (same parameters, same checkpoint names) whose product goes through the GEMM dispatcher,
+    so the few-row products of a verify step can take the Pallas flat GEMM."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = matmul(x.astype(self.dtype), self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
 def linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(cfg_in, cfg_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
-                      kernel_init=nnx.initializers.normal(0.02))
+    return Linear(cfg_in, cfg_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                  kernel_init=nnx.initializers.normal(0.02))
 
 
 class Attention(nnx.Module):

@@ -15,6 +15,7 @@ on a GPU for float16/bfloat16, else the blockwise reference (query blocks, O(T *
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from . import attention_pallas, reference
 from .attention_pallas import kernel_supports
+from .gemm_pallas import flat_gemm, flat_gemm_supports
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
@@ -104,3 +106,53 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: flo
         scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
     return reference.causal_attention_blockwise(q, k, v, sm_scale=sm_scale)
+
+
+GEMM_IMPLS = ("auto", "xla", "pallas", "interpret")
+GEMM_ENV_VAR = "JAXMEDUSA_GEMM"
+FLAT_GEMM_ROWS = (16, 128)  # rows (M = batch x new tokens) for which "auto" picks the flat GEMM
+
+
+def resolve_gemm_impl(m: int, k: int, n: int, dtype, impl: str | None = None) -> str:
+    """"xla" or "pallas"/"interpret" for x [M, K] @ w [K, N]: explicit argument, then JAXMEDUSA_GEMM, then
+    auto (the flat GEMM on a GPU for FLAT_GEMM_ROWS and bf16/fp16; XLA's GEMM elsewhere). An explicit
+    Pallas choice falls back to XLA for shapes the kernel does not take."""
+    choice = impl or os.environ.get(GEMM_ENV_VAR) or "auto"
+    if choice not in GEMM_IMPLS:
+        raise ValueError(f"gemm impl {choice!r} ({GEMM_ENV_VAR} or impl=) is not one of {', '.join(GEMM_IMPLS)}")
+    if choice == "auto":
+        low, high = FLAT_GEMM_ROWS
+        choice = ("pallas" if jax.default_backend() == "gpu" and low <= m <= high
+                  and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla")
+    if choice in ("pallas", "interpret") and not flat_gemm_supports(m, k, n):
+        return "xla"
+    return choice
+
+
+def matmul(x: jax.Array, w: jax.Array, *, impl: str | None = None) -> jax.Array:
+    """x [..., K] @ w [K, N] in x's dtype, through XLA or the Pallas flat GEMM (few rows)."""
+    k, n = w.shape
+    m = math.prod(x.shape[:-1])
+    chosen = resolve_gemm_impl(m, k, n, x.dtype, impl)
+    if chosen == "xla":
+        return jnp.dot(x, w.astype(x.dtype))
+    y = _flat_gemm_diff(x.reshape(m, k), w.astype(x.dtype), chosen == "interpret")
+    return y.reshape(*x.shape[:-1], n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _flat_gemm_diff(x, w, interpret):
+    """The flat GEMM with XLA's products as its gradient (pallas_call itself has no autodiff rule)."""
+    return flat_gemm(x, w, interpret=interpret)
+
+
+def _flat_gemm_fwd(x, w, interpret):
+    return flat_gemm(x, w, interpret=interpret), (x, w)
+
+
+def _flat_gemm_bwd(interpret, res, g):
+    x, w = res
+    return jnp.dot(g, w.T).astype(x.dtype), jnp.dot(x.T, g).astype(w.dtype)
+
+
+_flat_gemm_diff.defvjp(_flat_gemm_fwd, _flat_gemm_bwd)

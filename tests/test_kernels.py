@@ -195,3 +195,65 @@ def test_kernels_read_one_layer_of_a_stacked_cache_in_place():
         got = tree_attention(qt, k, v, lengths, mask, layer=layer, interpret=True)
         want = tree_attention_reference(qt, k[layer], v[layer], lengths, mask)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m, k, n, dtype", [(1, 128, 48, jnp.float32), (64, 384, 96, jnp.float32),
+                                            (37, 256, 128, jnp.float32), (128, 256, 64, jnp.bfloat16)])
+def test_flat_gemm_matches_reference(m, k, n, dtype):
+    from jaxmedusa.kernels import flat_gemm, flat_gemm_reference
+
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+    got = flat_gemm(x, w, interpret=True)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert rel_err(got, flat_gemm_reference(x, w)) < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+def test_gemm_dispatcher_choice_per_rows(monkeypatch):
+    from jaxmedusa.kernels import dispatch
+
+    assert dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16) == "xla"  # CPU
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    low, high = dispatch.FLAT_GEMM_ROWS
+    for m in (1, low - 1, low, high, high + 1, 256):
+        want = "pallas" if low <= m <= high else "xla"
+        assert dispatch.resolve_gemm_impl(m, 4096, 11008, jnp.bfloat16) == want, m
+    assert dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.float32) == "xla"  # float32 stays with XLA
+    assert dispatch.resolve_gemm_impl(64, 100, 4096, jnp.bfloat16) == "xla"  # K the kernel does not tile
+    monkeypatch.setenv("JAXMEDUSA_GEMM", "xla")
+    assert dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16) == "xla"
+    monkeypatch.setenv("JAXMEDUSA_GEMM", "nope")
+    with pytest.raises(ValueError, match="'nope'"):
+        dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16)
+
+
+def test_matmul_through_the_flat_gemm_and_its_gradient():
+    import jax
+
+    from jaxmedusa.kernels import matmul
+
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((2, 24, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
+    assert rel_err(matmul(x, w, impl="interpret"), matmul(x, w, impl="xla")) < 1e-5
+    loss = lambda impl: (lambda x, w: jnp.sum(jnp.sin(matmul(x, w, impl=impl))))
+    gi = jax.grad(loss("interpret"), argnums=(0, 1))(x, w)
+    gx = jax.grad(loss("xla"), argnums=(0, 1))(x, w)
+    for a, b in zip(gi, gx):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_model_with_flat_gemm_equals_xla_path(monkeypatch):
+    from conftest import random_lm
+    from jaxmedusa.cache import KVCache
+
+    lm = random_lm(seed=33, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 16)), jnp.int32)
+    outs = []
+    for impl in ("xla", "interpret"):
+        monkeypatch.setenv("JAXMEDUSA_GEMM", impl)
+        cache = KVCache.create(lm.config, 2, 32)
+        h, _ = lm(ids, jnp.broadcast_to(jnp.arange(16), (2, 16)), cache, jnp.tril(jnp.ones((16, 16), bool)))
+        outs.append(np.asarray(lm.logits(h)))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
