@@ -76,6 +76,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
                                            layer=layer)
 
 
+def attention_update(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
+                     lengths: jax.Array, tree_mask: jax.Array, *, layer: int, sm_scale: float | None = None,
+                     impl: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes T new tokens' k_new/v_new [B, T, KVH, D] into layer `layer` of the stacked cache k/v
+    [L, B, S, KVH, D] at [lengths, lengths + T) and attends q [B, T, H, D] over the prefix plus the new
+    slots tree_mask allows. Returns (out, k, v). The Pallas path does both in one launch; the reference
+    writes with a scatter and then attends."""
+    chosen = resolve_impl(impl)
+    if chosen in ("pallas", "interpret") and not kernel_supports(q.shape[-1]):
+        if impl or os.environ.get(ENV_VAR):
+            raise ValueError(f"attention impl {chosen!r} needs head_dim a power of two >= 16, got {q.shape[-1]}")
+        chosen = "reference"
+    if chosen == "reference":
+        from jaxmedusa.cache import write_kv  # the cache layout's own writer (lazy: jaxmedusa imports kernels)
+
+        k, v = write_kv(k, layer, k_new, lengths), write_kv(v, layer, v_new, lengths)
+        return attention(q, k, v, lengths, tree_mask, sm_scale=sm_scale, impl="reference", layer=layer), k, v
+    return attention_pallas.attention_update(q, k_new, v_new, k, v, lengths, tree_mask, sm_scale=sm_scale,
+                                             interpret=chosen == "interpret", layer=layer)
+
+
 def cudnn_supports(dtype, head_dim: int) -> bool:
     """Whether cuDNN's fused attention takes this case (GPU, float16/bfloat16, head_dim <= 128, multiple of 8)."""
     return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
