@@ -122,6 +122,11 @@ def main() -> None:
     eos = jnp.asarray([-1], jnp.int32)
     params = AcceptanceParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.09), jnp.float32(0.3))
     rows = []
+    result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
+                  model=args.model, dtype=str(jnp.dtype(dtype)), steps=n,
+                  gemm=os.environ.get("JAXMEDUSA_GEMM", "auto"))
+    out = args.out or os.path.join(HERE, "results", f"verify-breakdown-{result['date']}-"
+                                                    f"{result['device'].replace(' ', '_')}.json")
     trace_root = tempfile.mkdtemp(prefix="verify-trace-")
     for b in args.batch:
         max_len = max(args.prompts) + n * 5 + max(args.tree_sizes) + 16
@@ -179,22 +184,21 @@ def main() -> None:
                                kernels_per_step=len(events) / steps, trace_lines=sorted(set(lines))[:20],
                                attributed_by_hlo_op=sum(1 for e in events if e[2]) / max(1, len(events)))
                     rows.append(row)
+                    save(dict(result, rows=rows), out)  # after every row: a run cut short keeps what it measured
                     print(f"B={b} P={p} T={t} heads={kind}: {step_ms:.3f} ms/step, kernels {busy:.3f} ms "
                           f"({row['kernels_per_step']:.0f}/step), idle {row['idle_ms']:.3f} ms", flush=True)
         del cache
-    import jax as _jax
-
-    result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=_jax.__version__,
-                  model=args.model, dtype=str(jnp.dtype(dtype)), steps=n, rows=rows)
-    out = args.out or os.path.join(HERE, "results", f"verify-breakdown-{result['date']}-"
-                                                    f"{result['device'].replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    result["rows"] = rows
+    save(result, out)
     print_table(result)
     print(f"wrote {out}")
+
+
+def save(result: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(out + ".tmp", out)
 
 
 def print_table(result: dict) -> None:

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmedusa.kernels import attention_update, matmul, prefill_attention
+from jaxmedusa.kernels import attention, matmul, prefill_attention
 
-from .cache import KVCache, write_prefix
+from .cache import KVCache, write_kv, write_prefix
 from .config import ModelConfig
 from .rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -44,15 +44,16 @@ def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, pref
     if cache is None:
         with jax.named_scope("attention"):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True), None
-    if prefill:
-        with jax.named_scope("kv_write"):
+    with jax.named_scope("kv_write"):
+        if prefill:
             ck, cv = write_prefix(cache.k, layer, k), write_prefix(cache.v, layer, v)
-        with jax.named_scope("attention"):
+        else:
+            ck, cv = write_kv(cache.k, layer, k, cache.lengths), write_kv(cache.v, layer, v, cache.lengths)
+    with jax.named_scope("attention"):
+        if prefill:
             o = prefill_attention(q, k, v, impl=attn_impl)
-    else:  # the Pallas kernel writes K/V into the cache in the same launch as the attention
-        with jax.named_scope("attention"):
-            o, ck, cv = attention_update(q, k, v, cache.k, cache.v, cache.lengths, tree_mask, layer=layer,
-                                         impl=attn_impl)
+        else:
+            o = attention(q, ck, cv, cache.lengths, tree_mask, impl=attn_impl, layer=layer)
     return o, cache._replace(k=ck, v=cv)
 
 

@@ -2,11 +2,11 @@
 dispatcher the model calls."""
 
 from .attention_pallas import decode_attention, kernel_supports, tree_attention
-from .dispatch import (IMPLS, attention, attention_update, cudnn_supports, matmul, prefill_attention, resolve_gemm_impl, resolve_impl,
+from .dispatch import (IMPLS, attention, cudnn_supports, matmul, prefill_attention, resolve_gemm_impl, resolve_impl,
                        resolve_prefill_impl)
 from .gemm_pallas import flat_gemm, flat_gemm_reference
 from .reference import causal_attention_blockwise, decode_attention_reference, tree_attention_reference
 
-__all__ = ["IMPLS", "attention", "attention_update", "matmul", "resolve_gemm_impl", "flat_gemm", "flat_gemm_reference", "prefill_attention", "resolve_prefill_impl", "cudnn_supports",
+__all__ = ["IMPLS", "attention", "matmul", "resolve_gemm_impl", "flat_gemm", "flat_gemm_reference", "prefill_attention", "resolve_prefill_impl", "cudnn_supports",
            "causal_attention_blockwise", "kernel_supports", "resolve_impl", "decode_attention", "tree_attention",
            "decode_attention_reference", "tree_attention_reference"]

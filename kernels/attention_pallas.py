@@ -50,37 +50,28 @@ def kernel_supports(head_dim: int) -> bool:
 
 
 def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, num_splits: int, sm_scale: float,
-                   phi: float | None, tree_slots: int | None, write_tree: bool = False):
+                   phi: float | None, tree_slots: int | None):
     """One (sequence, KV head, row tile, split): partial attention of block_m rows over its part of the cache.
 
     Splits 0 .. num_splits - 1 cover the prefix [0, length); with a tree (tree_slots = T), split num_splits
     covers the tree slots [length, length + T), visible per row as m_ref [block_m, Tp] says (the T x T
-    tree block fused into the same kernel: no separate gather, GEMMs or concatenation). With write_tree,
-    the tree's K/V come in as kt_ref/vt_ref [Tp, D] instead of from the cache, and the tree program of
-    row tile 0 also stores them into the cache (ko_ref/vo_ref, aliased to k_ref/v_ref) at [length,
-    length + T): the KV-cache write is fused into the attention launch.
+    tree block fused into the same kernel: no separate gather, GEMMs or concatenation).
     Writes acc = sum_j exp(s_j - r) v_j, l = sum_j exp(s_j - r) and the reference r used per row.
     """
-    m_ref = kt_ref = vt_ref = ko_ref = vo_ref = None
-    if not tree_slots:
-        o_ref, r_ref, l_ref = refs
-    elif write_tree:
-        m_ref, kt_ref, vt_ref, o_ref, r_ref, l_ref, ko_ref, vo_ref = refs
-    else:
-        m_ref, o_ref, r_ref, l_ref = refs
+    m_ref, (o_ref, r_ref, l_ref) = (refs[0], refs[1:]) if tree_slots else (None, refs)
     split = pl.program_id(3)
     length = len_ref[()]
     q = q_ref[...]
     block_m, d = q.shape
     cols = jnp.arange(block_k, dtype=jnp.int32)
 
-    def attend(start, end, tree: bool, src_k=k_ref, src_v=v_ref):
+    def attend(start, end, tree: bool):
         def body(i, carry):
             acc, r, mx, l = carry
             off = start + i * block_k
             valid = off + cols < end
-            k = plgpu.load(src_k.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
-            v = plgpu.load(src_v.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
+            k = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
+            v = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
             s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
             visible = valid[None, :]
             if tree:
@@ -116,48 +107,26 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, num_splits
     def _prefix():
         attend(start, jnp.minimum(start + chunk, length), False)
 
-    if not write_tree:
-        @pl.when(split == num_splits)
-        def _tree():
-            attend(length, length + tree_slots, True)
-        return
-
     @pl.when(split == num_splits)
-    def _tree_from_inputs():
-        attend(0, tree_slots, True, kt_ref, vt_ref)
-
-    capacity = k_ref.shape[0]
-
-    @pl.when((split == num_splits) & (pl.program_id(2) == 0))
-    def _write_tree():
-        for i in range(kt_ref.shape[0] // block_k):  # static: Tp / block_k blocks
-            rows = i * block_k + cols
-            ok = ((rows < tree_slots) & (length + rows < capacity))[:, None]
-            plgpu.store(ko_ref.at[pl.ds(length + i * block_k, block_k), :],
-                        kt_ref[pl.ds(i * block_k, block_k), :], mask=ok)
-            plgpu.store(vo_ref.at[pl.ds(length + i * block_k, block_k), :],
-                        vt_ref[pl.ds(i * block_k, block_k), :], mask=ok)
+    def _tree():
+        attend(length, length + tree_slots, True)
 
 
-def _prefix_partials(q4, k, v, lengths, tree_rows=None, tree_slots=None, new_kv=None, *, sm_scale, phi, block_m,
-                     block_k, num_splits, num_warps, num_stages, interpret, layer):
+def _prefix_partials(q4, k, v, lengths, tree_rows=None, tree_slots=None, *, sm_scale, phi, block_m, block_k, num_splits, num_warps,
+                     num_stages, interpret, layer):
     """q4 [B, KVH, Mp, D] over cache k/v [B, S, KVH, D] slots [0, lengths) (or layer `layer` of a stacked
     cache [L, B, S, KVH, D], read in place: slicing the layer out first would copy it every call), plus,
     with tree_rows [Mp, Tp] (int32, which tree slot each row sees; Tp = tree_slots T padded to block_k), one
     more partial over the tree slots [lengths, lengths + T).
 
-    new_kv: (kt, vt) [B, KVH, Tp, D], the tree's own K/V, attended from there and written into the cache
-    at [lengths, lengths + T) by the same launch (k/v are donated to it and come back updated).
-
-    Returns float32 partials o [B, KVH, P, Mp, D], r (reference), l [B, KVH, P, Mp], P = splits (+ 1),
-    and with new_kv the updated k, v.
+    Returns float32 partials o [B, KVH, P, Mp, D], r (reference), l [B, KVH, P, Mp], P = splits (+ 1).
     """
     b, kvh, mp, d = q4.shape
     s = k.shape[-3]
     parts = num_splits + (tree_rows is not None)
     grid = (b, kvh, mp // block_m, parts)
     kernel = functools.partial(_prefix_kernel, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale, phi=phi,
-                               tree_slots=tree_slots, write_tree=new_kv is not None)
+                               tree_slots=tree_slots)
     if layer is None:
         kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, h, mt, sp: (bi, 0, h, 0))
     else:
@@ -172,32 +141,20 @@ def _prefix_partials(q4, k, v, lengths, tree_rows=None, tree_slots=None, new_kv=
     if tree_rows is not None:
         in_specs.append(pl.BlockSpec((block_m, tree_rows.shape[1]), lambda bi, h, mt, sp: (mt, 0)))
         args.append(tree_rows)
-    out_specs = [
-        pl.BlockSpec((None, None, None, block_m, d), lambda bi, h, mt, sp: (bi, h, sp, mt, 0)),
-        pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
-        pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct((b, kvh, parts, mp, d), jnp.float32),
-        jax.ShapeDtypeStruct((b, kvh, parts, mp), jnp.float32),
-        jax.ShapeDtypeStruct((b, kvh, parts, mp), jnp.float32),
-    ]
-    aliases = {}
-    if new_kv is not None:
-        tp = new_kv[0].shape[2]
-        new_spec = pl.BlockSpec((None, None, tp, d), lambda bi, h, mt, sp: (bi, h, 0, 0))
-        in_specs += [new_spec, new_spec]
-        args += [new_kv[0].astype(k.dtype), new_kv[1].astype(v.dtype)]
-        out_specs += [kv_spec, kv_spec]
-        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-        aliases = {2: 3, 3: 4}  # the cache goes in as k/v and comes back, written in place
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
+        out_specs=[
+            pl.BlockSpec((None, None, None, block_m, d), lambda bi, h, mt, sp: (bi, h, sp, mt, 0)),
+            pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
+            pl.BlockSpec((None, None, None, block_m), lambda bi, h, mt, sp: (bi, h, sp, mt)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, kvh, parts, mp, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, kvh, parts, mp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kvh, parts, mp), jnp.float32),
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jaxmedusa_prefix_attention",
@@ -231,11 +188,8 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int
 
 
 def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, block_k, num_splits, num_warps,
-            num_stages, interpret, layer=None, new_kv=None):
-    """q5 [B, KVH, T, G, D]: prefix kernel (+ tree block when tree_mask is given), merged -> same shape.
-
-    new_kv: the tree's K/V [B, T, KVH, D], written into the cache by the kernel; then returns (out, k, v).
-    """
+            num_stages, interpret, layer=None):
+    """q5 [B, KVH, T, G, D]: prefix kernel (+ tree block when tree_mask is given), merged -> same shape."""
     b, kvh, t, g, d = q5.shape
     rows = t * g
     block_m = block_m or min(128, max(16, pl.next_power_of_2(rows)))
@@ -256,20 +210,14 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
         tp = pl.cdiv(t, block_k) * block_k
         tree_rows = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=0)
         tree_rows = jnp.pad(tree_rows, ((0, mp - rows), (0, tp - t)))
-    kt = None
-    if new_kv is not None:  # [B, T, KVH, D] -> [B, KVH, Tp, D]
-        kt = tuple(jnp.pad(jnp.transpose(x, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, tree_rows.shape[1] - t), (0, 0)))
-                   for x in new_kv)
-    parts_out = _prefix_partials(q4, k, v, lengths, tree_rows, None if tree_rows is None else t, kt,
-                                 sm_scale=sm_scale, phi=phi, block_m=block_m, block_k=block_k, num_splits=num_splits,
-                                 num_warps=num_warps, num_stages=num_stages, interpret=interpret, layer=layer)
-    o, r, l = parts_out[:3]
+    o, r, l = _prefix_partials(q4, k, v, lengths, tree_rows, None if tree_rows is None else t, sm_scale=sm_scale, phi=phi, block_m=block_m,
+                               block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                               interpret=interpret, layer=layer)
     parts = o.shape[2]
     o = o[:, :, :, :rows].reshape(b, kvh, parts, t, g, d)
     r = r[:, :, :, :rows].reshape(b, kvh, parts, t, g)
     l = l[:, :, :, :rows].reshape(b, kvh, parts, t, g)
-    out = _merge(o, r, l)
-    return out if new_kv is None else (out, parts_out[3], parts_out[4])
+    return _merge(o, r, l)
 
 
 _STATIC = ("sm_scale", "unified_max", "block_m", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
@@ -308,23 +256,3 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                   unified_max=unified_max, block_m=block_m, block_k=block_k, num_splits=num_splits,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret, layer=layer)
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, h, d).astype(q.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("k", "v"))
-def attention_update(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
-                     lengths: jax.Array, tree_mask: jax.Array, *, sm_scale: float | None = None,
-                     unified_max: float | None = 0.0, block_m: int | None = None, block_k: int | None = None,
-                     num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                     interpret: bool = False, layer: int | None = None):
-    """Writes T new tokens' k_new/v_new [B, T, KVH, D] into the cache k/v at [lengths, lengths + T) and
-    attends q [B, T, H, D] over the prefix [0, lengths) plus the new slots tree_mask [T, T] allows, in one
-    kernel launch (decode is T = 1 with tree_mask [[True]]). Returns (out [B, T, H, D], k, v); the cache
-    is donated and updated in place. `layer` as in decode_attention."""
-    b, t, h, d = q.shape
-    kvh = k.shape[-2]
-    q5 = jnp.transpose(q.reshape(b, t, kvh, h // kvh, d), (0, 2, 1, 3, 4))
-    out, k, v = _attend(q5, k, v, lengths.astype(jnp.int32), tree_mask.astype(bool), sm_scale=sm_scale,
-                        unified_max=unified_max, block_m=block_m, block_k=block_k, num_splits=num_splits,
-                        num_warps=num_warps, num_stages=num_stages, interpret=interpret, layer=layer,
-                        new_kv=(k_new, v_new))
-    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, t, h, d).astype(q.dtype), k, v

@@ -76,27 +76,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
                                            layer=layer)
 
 
-def attention_update(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
-                     lengths: jax.Array, tree_mask: jax.Array, *, layer: int, sm_scale: float | None = None,
-                     impl: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes T new tokens' k_new/v_new [B, T, KVH, D] into layer `layer` of the stacked cache k/v
-    [L, B, S, KVH, D] at [lengths, lengths + T) and attends q [B, T, H, D] over the prefix plus the new
-    slots tree_mask allows. Returns (out, k, v). The Pallas path does both in one launch; the reference
-    writes with a scatter and then attends."""
-    chosen = resolve_impl(impl)
-    if chosen in ("pallas", "interpret") and not kernel_supports(q.shape[-1]):
-        if impl or os.environ.get(ENV_VAR):
-            raise ValueError(f"attention impl {chosen!r} needs head_dim a power of two >= 16, got {q.shape[-1]}")
-        chosen = "reference"
-    if chosen == "reference":
-        from jaxmedusa.cache import write_kv  # the cache layout's own writer (lazy: jaxmedusa imports kernels)
-
-        k, v = write_kv(k, layer, k_new, lengths), write_kv(v, layer, v_new, lengths)
-        return attention(q, k, v, lengths, tree_mask, sm_scale=sm_scale, impl="reference", layer=layer), k, v
-    return attention_pallas.attention_update(q, k_new, v_new, k, v, lengths, tree_mask, sm_scale=sm_scale,
-                                             interpret=chosen == "interpret", layer=layer)
-
-
 def cudnn_supports(dtype, head_dim: int) -> bool:
     """Whether cuDNN's fused attention takes this case (GPU, float16/bfloat16, head_dim <= 128, multiple of 8)."""
     return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
@@ -131,18 +110,21 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: flo
 
 GEMM_IMPLS = ("auto", "xla", "pallas", "interpret")
 GEMM_ENV_VAR = "JAXMEDUSA_GEMM"
-FLAT_GEMM_ROWS = (16, 128)  # rows (M = batch x new tokens) for which "auto" picks the flat GEMM
+# Rows (M = batch x new tokens) for which "auto" picks the flat GEMM; None: never. Measured in the model's
+# loop on an H100 (bench/verify_breakdown.py, 7B, 2026-11-24): the flat GEMM ties XLA at M = 64 and loses
+# at M = 1 and 16 (XLA: 99% of the streaming bound at M = 1, ~85% at M = 64), so auto keeps XLA.
+FLAT_GEMM_ROWS: tuple[int, int] | None = None
 
 
 def resolve_gemm_impl(m: int, k: int, n: int, dtype, impl: str | None = None) -> str:
     """"xla" or "pallas"/"interpret" for x [M, K] @ w [K, N]: explicit argument, then JAXMEDUSA_GEMM, then
-    auto (the flat GEMM on a GPU for FLAT_GEMM_ROWS and bf16/fp16; XLA's GEMM elsewhere). An explicit
-    Pallas choice falls back to XLA for shapes the kernel does not take."""
+    auto (the flat GEMM on a GPU for M within FLAT_GEMM_ROWS and bf16/fp16, today never; XLA's GEMM
+    elsewhere). A Pallas choice falls back to XLA for shapes the kernel does not take."""
     choice = impl or os.environ.get(GEMM_ENV_VAR) or "auto"
     if choice not in GEMM_IMPLS:
         raise ValueError(f"gemm impl {choice!r} ({GEMM_ENV_VAR} or impl=) is not one of {', '.join(GEMM_IMPLS)}")
     if choice == "auto":
-        low, high = FLAT_GEMM_ROWS
+        low, high = FLAT_GEMM_ROWS or (1, 0)
         choice = ("pallas" if jax.default_backend() == "gpu" and low <= m <= high
                   and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla")
     if choice in ("pallas", "interpret") and not flat_gemm_supports(m, k, n):
