@@ -252,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, OSError, MemoryError) as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("jaxmedusa: interrupted", file=sys.stderr)
+        return 2
+    except (CLIError, ValueError, FileNotFoundError, OSError, MemoryError, OverflowError) as e:
         if args.debug:
             raise
         print(f"jaxmedusa: error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from functools import partial
 from typing import Any, Iterator, Sequence
@@ -250,10 +251,15 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token
              top_k, posterior_threshold, posterior_alpha) -> _Run:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN fails every comparison: test it first
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    for name, value in (("posterior_threshold", posterior_threshold), ("posterior_alpha", posterior_alpha)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     use_medusa = model.heads is not None if medusa is None else bool(medusa)
     if use_medusa and model.heads is None:
         raise ValueError("medusa=True but the model has no Medusa heads; load them with load(..., heads=DIR)")

@@ -97,7 +97,8 @@ def load_tokenizer(model_dir: str):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    # never run code from a model directory: a tokenizer_config.json with an auto_map is refused, not executed
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
 
 
 def default_model_paths() -> tuple[str, str]:
