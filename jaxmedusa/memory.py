@@ -9,6 +9,9 @@ import os
 import jax
 import numpy as np
 
+from jaxmedusa.kernels import cudnn_supports
+from jaxmedusa.kernels.reference import prefill_block_rows
+
 from .config import ModelConfig
 
 MIN_CACHE_SLOTS = 64
@@ -38,9 +41,6 @@ def prefill_workspace_bytes(cfg: ModelConfig, dtype, batch: int, tokens: int) ->
     """A generous estimate of the temporaries of one prefill forward: a layer's activations (residual,
     norm, q/k/v, attention output, three MLP intermediates) twice over, plus the blockwise attention's
     float32 score block where that path runs."""
-    from jaxmedusa.kernels import cudnn_supports
-    from jaxmedusa.kernels.reference import prefill_block_rows
-
     item = np.dtype(dtype).itemsize
     per_token = 4 * cfg.embed_dim + cfg.hidden_size + 2 * cfg.num_kv_heads * cfg.head_dim + 3 * cfg.intermediate_size
     total = 2 * batch * tokens * per_token * item
@@ -54,7 +54,6 @@ def free_bytes(device=None) -> int | None:
     """Free memory of `device` (accelerators: the allocator's limit minus what is in use; CPU: the host's
     available memory), or None when it cannot be told."""
     device = device or jax.devices()[0]
-    stats = None
     try:
         stats = device.memory_stats()
     except Exception:  # some backends do not implement it

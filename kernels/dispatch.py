@@ -43,21 +43,16 @@ def resolve_impl(impl: str | None = None) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree_mask: jax.Array, *,
-              prefill: bool = False, sm_scale: float | None = None, impl: str | None = None,
-              layer: int | None = None) -> jax.Array:
+              sm_scale: float | None = None, impl: str | None = None, layer: int | None = None) -> jax.Array:
     """Attention of T new tokens q [B, T, H, D] whose K/V were already written at slots [lengths, lengths+T).
 
     Each query sees the cache prefix [0, lengths) and the new slots tree_mask [T, T] allows (a causal
-    mask for a prompt chunk, ancestors + self for a Medusa tree). `prefill=True` promises the cache was
-    empty (lengths == 0), so only the first T slots are read. With `layer`, k/v are the whole stacked
-    cache [L, B, S, KVH, D] and the kernels read that layer in place (no per-call copy of it).
+    mask for a prompt chunk, ancestors + self for a Medusa tree). With `layer`, k/v are the whole stacked
+    cache [L, B, S, KVH, D] and the kernels read that layer in place (no per-call copy of it). A prompt
+    over an empty cache goes to prefill_attention instead, which never reads the cache.
     """
     chosen = resolve_impl(impl)
     t = q.shape[1]
-    if prefill:
-        if layer is not None:
-            k, v = k[layer], v[layer]
-        return prefill_attention(q, k[:, :t], v[:, :t], sm_scale=sm_scale, impl=impl)
     if chosen in ("pallas", "interpret") and not kernel_supports(q.shape[-1]):
         if impl or os.environ.get(ENV_VAR):
             raise ValueError(f"attention impl {chosen!r} needs head_dim a power of two >= 16, got {q.shape[-1]}")

@@ -86,9 +86,7 @@ def causal_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_s
     Right-padded ragged prompts need no lengths: causality keeps every real row off the padding after it.
     """
     b, t, h, d = q.shape
-    rows = block_rows or prefill_block_rows(b, h, t)
-    if rows >= t:
-        return masked_attention(q, k, v, jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)), sm_scale)
+    rows = min(block_rows or prefill_block_rows(b, h, t), t)
     n = -(-t // rows)
     qp = jnp.pad(q, ((0, 0), (0, n * rows - t), (0, 0), (0, 0)))
     blocks = jnp.moveaxis(qp.reshape(b, n, rows, h, d), 1, 0)  # [n, B, rows, H, D]
