@@ -84,6 +84,10 @@ def read_params(files: list[str], table: list[ParamEntry], dtype, *, optional: s
     CheckpointError for unexpected, duplicate or missing keys and bad shapes.
     """
     by_key = {e.hf_key: e for e in table}
+    widths: dict[tuple, int] = {}
+    for e in table:
+        if e.cols is not None:
+            widths[e.path] = max(widths.get(e.path, 0), e.cols[1])
     out: dict[tuple, np.ndarray] = {}
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -102,7 +106,13 @@ def read_params(files: list[str], table: list[ParamEntry], dtype, *, optional: s
         if tuple(arr.shape) != entry.hf_shape:
             raise CheckpointError(f"key {key!r}: expected shape {entry.hf_shape}, found {tuple(arr.shape)}")
         value = np.asarray(arr).astype(dtype)
-        out[entry.path] = value.T if entry.transpose else value
+        value = value.T if entry.transpose else value
+        if entry.cols is None:
+            out[entry.path] = value
+        else:
+            if entry.path not in out:
+                out[entry.path] = np.empty(value.shape[:-1] + (widths[entry.path],), value.dtype)
+            out[entry.path][..., entry.cols[0]:entry.cols[1]] = value
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"unexpected key {unexpected[0]!r} in the checkpoint{more}")
@@ -120,6 +130,8 @@ def export_params(flat_params: dict[tuple, np.ndarray], table: list[ParamEntry])
         if e.path not in flat_params:
             raise CheckpointError(f"model has no parameter {'.'.join(map(str, e.path))} for key {e.hf_key!r}")
         value = np.asarray(flat_params[e.path])
+        if e.cols is not None:
+            value = value[..., e.cols[0]:e.cols[1]]
         out[e.hf_key] = np.ascontiguousarray(value.T if e.transpose else value)
     return out
 

@@ -83,9 +83,8 @@ def linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
-        self.k_proj = linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
-        self.v_proj = linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        # q, k and v as one product (HF's q_proj/k_proj/v_proj side by side; params.py maps them).
+        self.qkv_proj = linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, cfg.attention_bias, dtype, rngs)
         self.o_proj = linear(cfg.num_heads * d, h, cfg.attention_bias, dtype, rngs)
         self.cfg = cfg
 
@@ -93,9 +92,11 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         with jax.named_scope("qkv_proj"):
-            q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-            k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-            v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            q, k, v = jnp.split(self.qkv_proj(x), [qd, qd + kvd], axis=-1)
+            q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         with jax.named_scope("rope"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o, cache = cached_attention(q, k, v, cache, layer, tree_mask, prefill, attn_impl)
@@ -104,17 +105,17 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one product (HF's gate_proj/up_proj side by side)."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
-        self.up_proj = linear(h, i, cfg.mlp_bias, dtype, rngs)
+        self.gate_up_proj = linear(h, 2 * i, cfg.mlp_bias, dtype, rngs)
         self.down_proj = linear(i, h, cfg.mlp_bias, dtype, rngs)
 
     def __call__(self, x):
         with jax.named_scope("mlp"):
-            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

@@ -181,10 +181,16 @@ def _check_tuning(d: int, block_m: int, block_k: int, num_splits: int) -> None:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
 
-def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int, block_k: int) -> int:
-    """Enough programs to fill an H100 (132 SMs, two waves), never more than the cache has blocks."""
+def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int, block_k: int,
+                       block_m: int = 16) -> int:
+    """Splits of the prefix per (sequence, KV head, row tile), from a sweep on an H100 (bench/tune_tree.py
+    --sweep splits, 2026-11-25): about one wave of programs (128) for small row tiles, fewer (96) for
+    tiles of 64+ rows, whose programs are heavier and whose partials cost more to merge; at least one
+    split per 2048 slots for long caches, but at most two waves; never more than the cache has blocks."""
     programs = batch * kv_heads * row_tiles
-    return max(1, min(pl.cdiv(264, programs), pl.cdiv(num_slots, block_k), 64))
+    target = 128 if block_m <= 32 else 96
+    splits = min(max(pl.cdiv(target, programs), pl.cdiv(num_slots, 2048)), pl.cdiv(264, programs))
+    return max(1, min(splits, pl.cdiv(num_slots, block_k), 64))
 
 
 def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, block_k, num_splits, num_warps,
@@ -197,7 +203,7 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     mp = pl.cdiv(rows, block_m) * block_m
     # bench/tune_tree.py on an H100: 8 warps pay off only for the largest tile
     num_warps = num_warps or (8 if block_m >= 128 and block_k >= 128 else 4)
-    num_splits = num_splits or default_num_splits(b, kvh, mp // block_m, k.shape[-3], block_k)
+    num_splits = num_splits or default_num_splits(b, kvh, mp // block_m, k.shape[-3], block_k, block_m)
     _check_tuning(d, block_m, block_k, num_splits)
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     q4 = jnp.pad(q5.reshape(b, kvh, rows, d), ((0, 0), (0, 0), (0, mp - rows), (0, 0)))

@@ -137,6 +137,21 @@ def test_split_count_and_block_sizes_do_not_change_the_result():
         assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("args, expected", [
+    ((1, 32, 1, 1024, 128, 16), 4),    # decode, 7B MHA, 1k: the sweep's best (14.9 us vs 18.2 at 8 splits)
+    ((1, 32, 1, 1024, 128, 64), 3),    # 64-node tree, 1k: fewer, heavier programs (25.5 us vs 31.5 at 8)
+    ((1, 32, 1, 8192, 128, 64), 4),    # long cache: one split per 2048 slots
+    ((4, 32, 1, 8192, 128, 64), 3),    # ... but at most two waves of programs
+    ((1, 8, 2, 4096, 128, 128), 6),    # GQA: 4 query heads x 64 nodes in two 128-row tiles
+    ((8, 32, 1, 1024, 128, 16), 1),    # a full wave without splitting
+    ((1, 1, 1, 100, 128, 16), 1),      # never more splits than the cache has blocks
+])
+def test_default_split_count_follows_the_h100_sweep(args, expected):
+    from jaxmedusa.kernels.attention_pallas import default_num_splits
+
+    assert default_num_splits(*args) == expected
+
+
 def test_bad_tuning_is_rejected():
     q, k, v = random_inputs(np.random.default_rng(), 1, 64, 4, 2, 64, jnp.float32)
     with pytest.raises(ValueError, match="block_k must be a power of two"):

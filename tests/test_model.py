@@ -117,6 +117,28 @@ def test_save_load_round_trip_sharded(tmp_path):
     np.testing.assert_array_equal(full_forward_logits(model.lm, ids), full_forward_logits(lm, ids))
 
 
+def test_fused_qkv_and_gate_up_hold_hf_tensors_side_by_side(tmp_path):
+    """The model keeps q/k/v and gate/up as one kernel each; the files keep HF's separate tensors, and each
+    lands in its own columns (GQA widths and q/k/v biases included), both ways."""
+    lm = random_lm(seed=11, num_key_value_heads=1, attention_bias=True)
+    jaxmedusa.save(lm, tmp_path / "m")
+    cfg = lm.config
+    qd, kvd, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    files = dict(iter_safetensors(tmp_path / "m" / "model.safetensors"))
+    attn, mlp = lm.layers[1].self_attn, lm.layers[1].mlp
+    qkv, qkv_b, gate_up = (np.asarray(attn.qkv_proj.kernel[...]), np.asarray(attn.qkv_proj.bias[...]),
+                           np.asarray(mlp.gate_up_proj.kernel[...]))
+    for name, cols in (("q_proj", (0, qd)), ("k_proj", (qd, qd + kvd)), ("v_proj", (qd + kvd, qd + 2 * kvd))):
+        np.testing.assert_array_equal(files[f"model.layers.1.self_attn.{name}.weight"], qkv[:, cols[0]:cols[1]].T)
+        np.testing.assert_array_equal(files[f"model.layers.1.self_attn.{name}.bias"], qkv_b[cols[0]:cols[1]])
+    np.testing.assert_array_equal(files["model.layers.1.mlp.gate_proj.weight"], gate_up[:, :inter].T)
+    np.testing.assert_array_equal(files["model.layers.1.mlp.up_proj.weight"], gate_up[:, inter:].T)
+    back = jaxmedusa.load(tmp_path / "m", max_len=16).lm
+    np.testing.assert_array_equal(np.asarray(back.layers[1].self_attn.qkv_proj.kernel[...]), qkv)
+    np.testing.assert_array_equal(np.asarray(back.layers[1].self_attn.qkv_proj.bias[...]), qkv_b)
+    np.testing.assert_array_equal(np.asarray(back.layers[1].mlp.gate_up_proj.kernel[...]), gate_up)
+
+
 def test_bfloat16_safetensors_round_trip(tmp_path):
     import ml_dtypes
 
