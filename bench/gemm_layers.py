@@ -8,7 +8,8 @@ One jitted call runs every layer's projections (q, k, v, o, gate, up, down; or t
 gate_up products) on its own weights, chained through cheap elementwise ops the way a decoder chains
 them, so each GEMM streams its weights from HBM once, as in the real step (no L2 reuse between layers).
 The time of one call is compared with the bytes of all weights at the read bandwidth measured in the
-same process (a 4 GiB sum). Variants: `layout` separate | fused (qkv and gate_up concatenated, the layout GLM ships),
+same process (a 4 GiB sum). Variants: `layout` separate | fused (qkv and gate_up concatenated, the layout GLM ships) | fused_t
+(the same, stored [out, in] as in HF files, XLA only),
 `impl` xla | pallas (kernels.flat_gemm); each XLA flag set runs in its own subprocess. The breakdown
 (bench/verify_breakdown.py) is the in-model check of these numbers. Writes
 bench/results/gemm-layers-DATE-DEVICE.json.
@@ -61,6 +62,8 @@ def make_weights(key, shape, layout: str, dtype):
     widths = ({"q": (h, qw), "k": (h, kvw), "v": (h, kvw), "o": (qw, h), "gate": (h, inter), "up": (h, inter),
                "down": (inter, h)} if layout == "separate" else
               {"qkv": (h, qw + 2 * kvw), "o": (qw, h), "gate_up": (h, 2 * inter), "down": (inter, h)})
+    if layout == "fused_t":  # stored [out, in] like HF/PyTorch (K contiguous), used as x @ w.T
+        widths = {name: wh[::-1] for name, wh in widths.items()}
     out = []
     for i in range(layers):
         ks = jax.random.split(jax.random.fold_in(key, i), len(widths))
@@ -79,7 +82,10 @@ def stack_fn(shape, layout: str, impl: str):
     _, h, qw, kvw, inter = shape
     if impl == "pallas" and jax.default_backend() != "gpu":
         impl = "interpret"
-    mm = lambda x, w: matmul(x, w, impl=impl)  # noqa: E731
+    if layout == "fused_t":
+        mm = lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))  # noqa: E731
+    else:
+        mm = lambda x, w: matmul(x, w, impl=impl)  # noqa: E731
 
     def norm(x):  # keeps the chain finite over many random layers, as RMSNorm does in the model
         xf = x.astype(jnp.float32)
@@ -147,7 +153,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[k for k in SHAPES if k != "smoke"], default="llama2-7b")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256])
-    p.add_argument("--layouts", nargs="+", choices=["separate", "fused"], default=["separate", "fused"])
+    p.add_argument("--layouts", nargs="+", choices=["separate", "fused", "fused_t"], default=["separate", "fused"])
     p.add_argument("--impls", nargs="+", choices=["xla", "pallas"], default=["xla"])
     p.add_argument("--flags", nargs="+", default=[""], help="XLA_FLAGS sets, one subprocess each")
     p.add_argument("--repeats", type=int, default=20)
