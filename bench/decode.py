@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 import jaxmedusa
-from jaxmedusa.config import ModelConfig
+from jaxmedusa.models import ModelConfig
 
 
 def device_name() -> str:

@@ -36,7 +36,31 @@ OPT_6_7B = dict(architectures=["OPTForCausalLM"], model_type="opt", vocab_size=5
                 word_embed_proj_dim=4096, do_layer_norm_before=True, pad_token_id=1, bos_token_id=2, eos_token_id=2)
 SMOKE = dict(LLAMA2_7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4)
-MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "opt-6.7b": OPT_6_7B, "smoke": SMOKE}
+QWEN2_5_7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                  intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)
+QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6,
+                tie_word_embeddings=False)
+CHATGLM2_6B = dict(architectures=["ChatGLMModel"], model_type="chatglm", num_layers=28, padded_vocab_size=65024,
+                   hidden_size=4096, ffn_hidden_size=13696, kv_channels=128, num_attention_heads=32,
+                   multi_query_attention=True, multi_query_group_num=2, seq_length=32768, layernorm_epsilon=1e-5,
+                   add_qkv_bias=True, add_bias_linear=False, tie_word_embeddings=False)
+MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "opt-6.7b": OPT_6_7B, "qwen2.5-7b": QWEN2_5_7B,
+          "qwen3-8b": QWEN3_8B, "chatglm2-6b": CHATGLM2_6B, "smoke": SMOKE}
+
+
+def hf_config_dict(name: str) -> dict:
+    """MODELS[name] as transformers reads it: the THUDM ChatGLM layout as its transformers twin (GlmForCausalLM)."""
+    d = dict(MODELS[name])
+    if d.get("model_type") == "chatglm":
+        import dataclasses
+
+        from jaxmedusa.models import ModelConfig
+
+        d = dataclasses.replace(ModelConfig.from_hf_dict(d), architecture="GlmForCausalLM").to_hf_dict()
+    return d
 
 
 def tree_of_size(t: int) -> list[list[int]]:
@@ -70,10 +94,9 @@ def run_jax(args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxmedusa.architectures import create_lm
+    from jaxmedusa.models import ModelConfig, create_lm
     from jaxmedusa.cache import KVCache
     from jaxmedusa.compile_cache import call_compiled
-    from jaxmedusa.config import ModelConfig
     from jaxmedusa.generate import decode_loop
     from jaxmedusa.heads import MedusaHeads
     from jaxmedusa.medusa import AcceptanceParams, medusa_loop
@@ -173,7 +196,7 @@ def run_hf(args) -> list[dict]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    d = dict(MODELS[args.model])
+    d = hf_config_dict(args.model)
     d.pop("architectures")
     cfg = AutoConfig.for_model(d.pop("model_type", "llama"), **d)
     torch.manual_seed(0)

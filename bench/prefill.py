@@ -19,6 +19,7 @@ length, MHA and GQA). Writes bench/results/prefill-DATE-DEVICE.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -30,20 +31,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def model_flops(d: dict, batch: int, t: int) -> float:
-    h, i, layers = d["hidden_size"], d["intermediate_size"], d["num_hidden_layers"]
-    kv = d.get("num_key_value_heads", d["num_attention_heads"]) * h // d["num_attention_heads"]
-    per_token = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * i)
-    return batch * (per_token * t + 2 * layers * h * t * t)
+def model_flops(cfg, batch: int, t: int) -> float:
+    """Matmul FLOPs of a causal forward over t tokens (projections + QK^T/PV over the causal half, x2)."""
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_token = 2 * layers * (2 * h * qd + 2 * h * kvd + 3 * h * i)
+    return batch * (per_token * t + 2 * layers * qd * t * t)
 
 
 def run_hf(args) -> list[dict]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from e2e import MODELS
+    from e2e import hf_config_dict
 
-    d = dict(MODELS[args.model])
+    d = hf_config_dict(args.model)
     d.pop("architectures")
     d["max_position_embeddings"] = max(d.get("max_position_embeddings", 0), max(args.prompts) + 16)
     cfg = AutoConfig.for_model(d.pop("model_type", "llama"), **d)
@@ -103,14 +105,12 @@ def run_jax(args) -> list[dict]:
 
     import jaxmedusa
     from e2e import MODELS
-    from jaxmedusa.architectures import create_lm
-    from jaxmedusa.config import ModelConfig
+    from jaxmedusa.models import ModelConfig, create_lm
     from jaxmedusa.generate import prefill
     from jaxmedusa.memory import cache_bucket
 
-    d = dict(MODELS[args.model])
-    d["max_position_embeddings"] = max(d.get("max_position_embeddings", 0), max(args.prompts) + 256)
-    cfg = ModelConfig.from_hf_dict(d)
+    cfg = ModelConfig.from_hf_dict(MODELS[args.model])
+    cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, max(args.prompts) + 256))
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
     lm = create_lm(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(lm)
@@ -138,7 +138,7 @@ def run_jax(args) -> list[dict]:
                     jax.block_until_ready(compiled(state, tokens, lens))
                     best = min(best, time.perf_counter() - t0)
                 row["ms"] = best * 1e3
-                row["tflops"] = model_flops(d, b, t) / best / 1e12
+                row["tflops"] = model_flops(cfg, b, t) / best / 1e12
                 del compiled
             except Exception as e:  # an out-of-memory case is a result too
                 row["error"] = str(e).splitlines()[0][:300]
@@ -153,7 +153,7 @@ def run_jax(args) -> list[dict]:
     jaxmedusa.generate(model, prompts, max_new_tokens=1)
     runs = [jaxmedusa.generate(model, prompts, max_new_tokens=1).stats for _ in range(args.repeats)]
     best = min(r["prefill_seconds"] for r in runs)
-    rows.append(dict(impl="generate()", batch=b, prompt=t, ms=best * 1e3, tflops=model_flops(d, b, t) / best / 1e12,
+    rows.append(dict(impl="generate()", batch=b, prompt=t, ms=best * 1e3, tflops=model_flops(cfg, b, t) / best / 1e12,
                      all_ms=[r["prefill_seconds"] * 1e3 for r in runs], cache_slots=runs[0]["cache_slots"]))
     print(f"generate() B={b} T={t}: prefill {rows[-1]['ms']:.1f} ms (runs: "
           f"{', '.join(f'{x:.1f}' for x in rows[-1]['all_ms'])})", flush=True)
@@ -203,7 +203,9 @@ def main() -> None:
         json.dump(result, f, indent=2)
     os.replace(out + ".tmp", out)
     from e2e import MODELS
+    from jaxmedusa.models import ModelConfig
 
+    mcfg = ModelConfig.from_hf_dict(MODELS[args.model])
     hf_rows = {(r["batch"], r["prompt"]): r for r in hf} if isinstance(hf, list) else {}
     print(f"\n{args.model} prefill, {result['device']}, jax {jax.__version__}: ms (effective TFLOP/s)")
     print(f"{'B':>3} {'prompt':>6} {'ours (auto)':>16} {'blockwise':>16} {'transformers SDPA':>18} {'ours/HF':>8}")
@@ -215,7 +217,7 @@ def main() -> None:
                           else f"{r['ms']:.1f} ({r['tflops']:.0f})")
         h = hf_rows.get((b, t))
         hcell = "-" if not h else h.get("error", "")[:16] if "ms" not in h else \
-            f"{h['ms']:.1f} ({model_flops(MODELS[args.model], b, t) / h['ms'] / 1e9:.0f})"
+            f"{h['ms']:.1f} ({model_flops(mcfg, b, t) / h['ms'] / 1e9:.0f})"
         ours = next((r for r in result["ours"] if r["impl"] == "auto" and r["batch"] == b and r["prompt"] == t), {})
         ratio = f"{ours['ms'] / h['ms']:.2f}" if h and "ms" in h and "ms" in ours else "-"
         print(f"{b:>3} {t:>6} {cell['auto']:>16} {cell['blockwise']:>16} {hcell:>18} {ratio:>8}")

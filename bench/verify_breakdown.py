@@ -103,9 +103,8 @@ def main() -> None:
     from flax import nnx
 
     from e2e import MODELS, device_name, tree_of_size
-    from jaxmedusa.architectures import create_lm
+    from jaxmedusa.models import ModelConfig, create_lm
     from jaxmedusa.cache import KVCache
-    from jaxmedusa.config import ModelConfig
     from jaxmedusa.generate import decode_loop
     from jaxmedusa.heads import MedusaHeads
     from jaxmedusa.medusa import AcceptanceParams, medusa_loop

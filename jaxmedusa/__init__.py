@@ -2,17 +2,17 @@
 
 from .cache import KVCache
 from .checkpoint import CheckpointError
-from .config import ConfigError, ModelConfig
 from .generate import GenerationResult, generate, stream
 from .heads import MedusaHeads
 from .heads_io import load_heads, save_heads
 from .loading import Model, load, save
+from .models import SUPPORTED_ARCHITECTURES, ConfigError, DecoderLM, ModelConfig, OPTForCausalLM
+from .models.llama import LlamaForCausalLM
 from .tree import TreeError, build_tree, cartesian_tree, chain_tree, published_trees
-from .model import LlamaForCausalLM
-from .opt import OPTForCausalLM
 
 __version__ = "0.1.0"
 
 __all__ = ["KVCache", "CheckpointError", "ConfigError", "ModelConfig", "GenerationResult", "generate", "stream", "Model",
            "load", "save", "MedusaHeads", "load_heads", "save_heads", "TreeError", "build_tree",
-           "cartesian_tree", "chain_tree", "published_trees", "LlamaForCausalLM", "OPTForCausalLM", "__version__"]
+           "cartesian_tree", "chain_tree", "published_trees", "DecoderLM", "LlamaForCausalLM", "OPTForCausalLM",
+           "SUPPORTED_ARCHITECTURES", "__version__"]

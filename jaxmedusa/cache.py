@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
+if TYPE_CHECKING:  # models/ imports this module
+    from .models.config import ModelConfig
 
 
 class KVCache(NamedTuple):

@@ -13,7 +13,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from .params import IGNORED_KEY_SUFFIXES, ParamEntry
+from .models.params import IGNORED_KEY_SUFFIXES, ParamEntry
 from .safetensors_io import iter_safetensors, save_safetensors
 
 

@@ -150,7 +150,7 @@ def cmd_convert_heads(args) -> int:
 
 def _heads_sizes(tensors, model_dir):
     if model_dir is not None:
-        from .config import ModelConfig
+        from .models import ModelConfig
 
         cfg = ModelConfig.from_json(model_dir)
         return cfg.embed_dim, cfg.vocab_size

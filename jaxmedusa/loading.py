@@ -13,10 +13,8 @@ import numpy as np
 from flax import nnx
 
 from .checkpoint import export_params, read_params, save_tensors, weight_files
-from .config import ConfigError, ModelConfig
 from .heads_io import configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors
-from .architectures import CausalLM, abstract_lm
-from .params import normalize_key, optional_keys, param_table
+from .models import CausalLM, ConfigError, ModelConfig, abstract_lm, normalize_key, optional_keys, param_table
 from .tree import TreeError, build_tree
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default")
@@ -112,7 +110,8 @@ def default_model_paths() -> tuple[str, str]:
 
 def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | None = None, dtype=None,
          max_len: int | None = None) -> Model:
-    """Loads a local HF Llama/Mistral/OPT model directory (config.json + safetensors or .bin weights).
+    """Loads a local model directory (config.json + safetensors or .bin weights) of any architecture in
+    SUPPORTED_ARCHITECTURES: Llama, Mistral, Qwen2/2.5, Qwen3, GLM (HF and THUDM ChatGLM layouts), OPT.
 
     path None: the embedded default model (a small Llama trained on the Python standard library, with its
     Medusa heads, tree and tokenizer), which needs no download.

@@ -12,7 +12,7 @@ import numpy as np
 from jaxmedusa.kernels import cudnn_supports
 from jaxmedusa.kernels.reference import prefill_block_rows
 
-from .config import ModelConfig
+from .models.config import ModelConfig
 
 MIN_CACHE_SLOTS = 64
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxmedusa
-from jaxmedusa.config import ModelConfig
+from jaxmedusa.models import ModelConfig
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1,

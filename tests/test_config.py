@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from jaxmedusa.config import ConfigError, ModelConfig
+from jaxmedusa.models import ConfigError, ModelConfig
 
 from conftest import tiny_config
 

@@ -10,9 +10,8 @@ import pytest
 from flax import nnx
 
 import jaxmedusa
-from jaxmedusa.architectures import create_lm
 from jaxmedusa.checkpoint import CheckpointError
-from jaxmedusa.config import ConfigError, ModelConfig
+from jaxmedusa.models import ConfigError, ModelConfig, create_lm
 
 from conftest import random_heads
 

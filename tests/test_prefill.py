@@ -11,7 +11,7 @@ import pytest
 import jaxmedusa
 from jaxmedusa.cache import KVCache
 from jaxmedusa.cli import main
-from jaxmedusa.config import ModelConfig
+from jaxmedusa.models import ModelConfig
 from jaxmedusa.generate import prefill
 from jaxmedusa.kernels import causal_attention_blockwise, prefill_attention, resolve_prefill_impl
 from jaxmedusa.kernels.reference import tree_attention_reference

@@ -23,11 +23,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxmedusa.config import ModelConfig
 from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.heads_io import save_heads
 from jaxmedusa.loading import Model, load, load_tokenizer, save
-from jaxmedusa.architectures import CausalLM, abstract_lm, create_lm
+from jaxmedusa.models import CausalLM, ModelConfig, abstract_lm, create_lm
 
 from . import losses
 from .checkpointing import Checkpointer

@@ -1,4 +1,5 @@
-"""Rotary position embeddings in HF's split-halves layout, with linear, dynamic-NTK and Llama-3 scaling."""
+"""Rotary position embeddings: HF's split-halves layout (Llama, Qwen) or interleaved pairs over part of each head
+(GLM, ChatGLM), with linear, dynamic-NTK and Llama-3 scaling."""
 
 from __future__ import annotations
 
@@ -48,17 +49,29 @@ def inv_freq(rope: RopeConfig, dim: int, max_position_embeddings: int, positions
     return 1.0 / (base ** exponents)
 
 
-def rope_cos_sin(inv: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [..., dim] for integer positions [...], in float32."""
+def rope_cos_sin(inv: jax.Array, positions: jax.Array, interleaved: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., rotary_dim] for integer positions [...], in float32.
+
+    Split halves: frequency i at dims i and i + rotary_dim/2. Interleaved: at dims 2i and 2i+1.
+    """
     freqs = positions.astype(jnp.float32)[..., None] * inv
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, heads, D] rotated by cos/sin [B, T, D] (HF rotate_half convention)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool = False) -> jax.Array:
+    """x [B, T, heads, D] rotated by cos/sin [B, T, R] on its first R dims (R = D but for partial rotary).
+
+    Split halves is HF's rotate_half; interleaved rotates each pair (x[2i], x[2i+1]) as GLM does.
+    """
+    rot, rest = (x, None) if cos.shape[-1] == x.shape[-1] else (x[..., :cos.shape[-1]], x[..., cos.shape[-1]:])
+    if interleaved:
+        pairs = rot.reshape(rot.shape[:-1] + (-1, 2))
+        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot.shape)
+    else:
+        half = rot.shape[-1] // 2
+        rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    out = rot * cos + rotated * sin
+    return out if rest is None else jnp.concatenate([out, rest], axis=-1)

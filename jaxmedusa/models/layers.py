@@ -1,0 +1,78 @@
+"""Layers every family builds on: RMSNorm, the GEMM-dispatching Linear, cached attention and the LM head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmedusa.kernels import attention, matmul, prefill_attention
+
+from ..cache import KVCache, write_kv, write_prefix
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, normalised in float32.
+
+    HF's Llama/Qwen/GLM norms cast the normalised value back to the input dtype, then scale
+    (`scale_in_float32=False`); THUDM's ChatGLM code scales in float32, then casts. Equal in float32.
+    """
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, scale_in_float32: bool = False):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.scale_in_float32 = scale_in_float32
+
+    @jax.named_scope("norm")
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.scale_in_float32:
+            return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, prefill: bool, attn_impl):
+    """Writes k/v [B, T, KVH, D] into the cache at [lengths, lengths + T) and attends q [B, T, H, D] over it.
+
+    cache=None: causal attention over these T tokens alone (training). prefill=True: the cache is empty
+    (lengths 0) and tree_mask causal, so K/V go in at slot 0 and flash attention runs on the fresh K/V
+    without reading the cache. Returns (o [B, T, H, D], cache).
+    """
+    if cache is None:
+        with jax.named_scope("attention"):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True), None
+    with jax.named_scope("kv_write"):
+        if prefill:
+            ck, cv = write_prefix(cache.k, layer, k), write_prefix(cache.v, layer, v)
+        else:
+            ck, cv = write_kv(cache.k, layer, k, cache.lengths), write_kv(cache.v, layer, v, cache.lengths)
+    with jax.named_scope("attention"):
+        if prefill:
+            o = prefill_attention(q, k, v, impl=attn_impl)
+        else:
+            o = attention(q, ck, cv, cache.lengths, tree_mask, impl=attn_impl, layer=layer)
+    return o, cache._replace(k=ck, v=cv)
+
+
+def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden: jax.Array) -> jax.Array:
+    """float32 logits from the untied lm_head, or from the token embeddings when they are tied."""
+    with jax.named_scope("lm_head"):
+        out = embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
+        return out.astype(jnp.float32)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear (same parameters, same checkpoint names) whose product goes through the GEMM dispatcher,
+    so the few-row products of a verify step can take the Pallas flat GEMM."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = matmul(x.astype(self.dtype), self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+def linear(cfg_in: int, cfg_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return Linear(cfg_in, cfg_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                  kernel_init=nnx.initializers.normal(0.02))
