@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 
+from .atomic import read_json_object, write_json
 from .models.params import IGNORED_KEY_SUFFIXES, ParamEntry
 from .safetensors_io import iter_safetensors, save_safetensors
 
@@ -28,11 +31,16 @@ def weight_files(model_dir: str | os.PathLike) -> list[str]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = os.path.join(model_dir, index_name)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no weight_map")
             files = sorted(set(weight_map.values()))
+            root = os.path.realpath(model_dir)
+            for name in files:
+                inside = isinstance(name, str) and os.path.realpath(os.path.join(root, name)).startswith(root + os.sep)
+                if not inside or os.path.isabs(name):
+                    raise CheckpointError(f"{index} lists shard {name!r}, a path outside {model_dir}; shards must be "
+                                          "files inside the model directory")
             missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
             if missing:
                 raise CheckpointError(f"{index} lists shard {missing[0]!r}, which is not in {model_dir}")
@@ -59,7 +67,20 @@ def iter_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
     except ImportError:  # pragma: no cover - depends on the environment
         raise CheckpointError(f"{path} is a PyTorch checkpoint; install torch (pip install 'jaxmedusa[torch]') "
                               "or convert it to safetensors") from None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # the legacy (pre-1.6, non-zip) format cannot be memory-mapped
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():  # a class or function the file would have us import and run
+            raise CheckpointError(f"{path} holds Python objects besides tensors, which jaxmedusa never unpickles; "
+                                  f"convert it to safetensors with the code that wrote it") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
     for key, t in state.items():
@@ -136,12 +157,13 @@ def export_params(flat_params: dict[tuple, np.ndarray], table: list[ParamEntry])
     return out
 
 
-def save_tensors(model_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None) -> None:
-    """Writes model.safetensors, or shards + model.safetensors.index.json when over max_shard_bytes."""
+def save_tensors(model_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None) -> list[str]:
+    """Writes model.safetensors, or shards + model.safetensors.index.json when over max_shard_bytes (the index
+    last, so an interrupted write leaves no entry point to half a model). Returns the file names written."""
     total = sum(t.nbytes for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         save_safetensors(os.path.join(model_dir, "model.safetensors"), tensors, {"format": "pt"})
-        return
+        return ["model.safetensors"]
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key in sorted(tensors):
@@ -155,5 +177,15 @@ def save_tensors(model_dir: str, tensors: dict[str, np.ndarray], max_shard_bytes
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_safetensors(os.path.join(model_dir, name), shard, {"format": "pt"})
         weight_map.update({k: name for k in shard})
-    with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_json(os.path.join(model_dir, "model.safetensors.index.json"),
+               {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return sorted(set(weight_map.values())) + ["model.safetensors.index.json"]
+
+
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$"
+                         r"|^(model\.safetensors|pytorch_model\.bin)\.index\.json$")
+
+
+def is_weight_file(name: str) -> bool:
+    """A file name transformers or jaxmedusa would read weights from in a model directory."""
+    return bool(WEIGHT_FILE.match(name))

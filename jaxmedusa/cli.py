@@ -18,8 +18,10 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text (or token ids) from prompts")
     p.add_argument("prompts", nargs="+", metavar="PROMPT",
                    help="prompt text; with --ids, comma-separated token ids (e.g. 1,15,27)")
-    p.add_argument("--model", default=None, help="local HF model directory (default: the embedded model, a small "
-                                                 "Llama trained on Python's standard library, with its heads)")
+    p.add_argument("--model", default=None, help="model directory, or a hub id in the local Hugging Face cache "
+                                                 "(default: the embedded model, a small Llama trained on Python's "
+                                                 "standard library, with its heads)")
+    p.add_argument("--revision", default=None, help="with a hub id: branch, tag or commit (default main)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -29,7 +31,8 @@ def _add_generate(sub) -> None:
                         "each request's cache is sized to what its prompts, new tokens and tree need")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids")
-    p.add_argument("--heads", default=None, help="Medusa heads-only directory (official format)")
+    p.add_argument("--heads", default=None, help="Medusa heads-only directory (official format), or a hub id in the "
+                                                  "local Hugging Face cache")
     p.add_argument("--no-medusa", action="store_true", help="vanilla decoding even when heads are loaded")
     p.add_argument("--tree", default=None, help="published tree name, chain-N, or a JSON file of paths")
     p.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
@@ -51,7 +54,7 @@ def cmd_generate(args) -> int:
     import jaxmedusa
 
     prompts = [_parse_ids(p) for p in args.prompts] if args.ids else list(args.prompts)
-    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len)
+    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len, revision=args.revision)
     if not args.ids and model.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer; pass token ids with --ids")
     use_medusa = model.heads is not None and not args.no_medusa
@@ -128,22 +131,16 @@ def _np_dtype(name):
 def cmd_convert_heads(args) -> int:
     import jax.numpy as jnp
 
-    from .heads_io import configured_layers, heads_from_state_dict, heads_state_dict, read_heads_tensors, save_heads
+    from .heads_io import configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors, save_heads
 
     tensors, config = read_heads_tensors(args.src)
     hidden, vocab = _heads_sizes(tensors, args.model)
+    source = f"heads in {args.src}"
     heads = heads_from_state_dict(tensors, hidden=hidden, vocab=vocab, dtype=jnp.float32,
-                                  num_layers=configured_layers(config), source=f"heads in {args.src}")
+                                  num_layers=configured_layers(config), source=source)
     base = config.get("base_model_name_or_path")
-    save_heads(heads, args.dst, base_model=base, dtype=_np_dtype(args.dtype))
-    if args.pt:
-        import torch
-
-        os.remove(os.path.join(args.dst, "medusa_lm_head.safetensors"))
-        sd = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in heads_state_dict(heads).items()}
-        if args.dtype:
-            sd = {k: v.to(getattr(torch, args.dtype)) for k, v in sd.items()}
-        torch.save(sd, os.path.join(args.dst, "medusa_lm_head.pt"))
+    save_heads(heads, args.dst, base_model=base, dtype=_np_dtype(args.dtype), tree=configured_tree(config, source),
+               pt=args.pt)
     print(f"wrote {heads.num_heads} heads x {heads.num_layers} layers to {args.dst}")
     return 0
 
@@ -177,7 +174,7 @@ def cmd_convert_model(args) -> int:
     if model.heads is not None:
         if not args.heads_out:
             raise CLIError("the model has Medusa heads; pass --heads-out DIR to write them")
-        save_heads(model.heads, args.heads_out, base_model=args.dst)
+        save_heads(model.heads, args.heads_out, base_model=args.dst, tree=model.tree)
         msg += f" and {model.heads.num_heads} heads to {args.heads_out}"
     print(msg)
     return 0
@@ -189,6 +186,9 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="YAML training config (see configs/train/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable; mesh.fsdp=2 for nested keys)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in output_dir, removing an earlier run's checkpoints, metrics and exports "
+                        "(a run resumes by default, and refuses other settings than it was started with)")
     p.set_defaults(func=cmd_train)
 
 
@@ -198,7 +198,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     maybe_initialize_distributed()
-    result = train(cfg)
+    result = train(cfg, restart=args.restart)
     last = next((h for h in reversed(result.history) if h.get("split") != "eval"), {})
     summary = {"step": result.step, "loss": last.get("loss"), "head_acc": last.get("head_acc"),
                "lm_acc": last.get("lm_acc"), "heads": result.heads_dir, "model": result.model_dir}
@@ -219,6 +219,9 @@ def _add_distill(sub) -> None:
     p.add_argument("--max-len", type=int, default=2048, help="KV cache slots per sequence")
     p.add_argument("--chat-template", choices=["auto", "plain"], default="auto")
     p.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    p.add_argument("--too-long", choices=["skip", "truncate"], default="skip",
+                   help="a conversation with a turn that does not fit in --max-len: leave it out, or keep its "
+                        "replies that fit (either way it is named on stderr)")
     p.set_defaults(func=cmd_distill)
 
 
@@ -227,10 +230,28 @@ def cmd_distill(args) -> int:
     from jaxmedusa.train.data import load_conversations, save_conversations
     from jaxmedusa.train.distill import distill
 
-    convs = [c for path in args.data for c in load_conversations(path)][:args.limit]
+    convs, where = [], []
+    for path in args.data:
+        loaded = load_conversations(path)
+        convs += loaded
+        where += [f"{path}, conversation {n + 1}" for n in range(len(loaded))]
+    convs, where = convs[:args.limit], where[:args.limit]
     model = jaxmedusa.load(args.model, max_len=args.max_len)
-    out = distill(model, convs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, template=args.chat_template)
+    done: dict[int, list] = {}
+
+    def skipped(i: int, why: str) -> None:
+        print(f"jaxmedusa distill: {where[i]}: {why}", file=sys.stderr)
+
+    try:
+        out = distill(model, convs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, template=args.chat_template,
+                      too_long=args.too_long, on_skip=skipped, on_done=done.__setitem__)
+    except BaseException:
+        if done:  # keep the finished work: a rerun can --limit or split the data past it
+            save_conversations(args.out, [done[i] for i in sorted(done)])
+            print(f"jaxmedusa distill: stopped; wrote the {len(done)} finished conversations to {args.out}",
+                  file=sys.stderr)
+        raise
     save_conversations(args.out, out)
     print(f"wrote {len(out)} conversations to {args.out}")
     return 0
@@ -257,11 +278,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("jaxmedusa: interrupted", file=sys.stderr)
         return 2
-    except (CLIError, ValueError, FileNotFoundError, OSError, MemoryError, OverflowError) as e:
+    except (CLIError, ValueError, FileNotFoundError, OSError, MemoryError, OverflowError, RuntimeError) as e:
         if args.debug:
             raise
-        print(f"jaxmedusa: error: {e}", file=sys.stderr)
+        # known failures: bad input, damaged or foreign files, a run that stopped on NaN, out of memory
+        print(f"jaxmedusa: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: still one line, the traceback under --debug
+        if args.debug:
+            raise
+        print(f"jaxmedusa: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .atomic import atomic_open, read_json_object, write_json
 from .checkpoint import CheckpointError, iter_bin
 from .heads import MedusaHeads
 from .safetensors_io import iter_safetensors, save_safetensors
 
 HEADS_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt", "medusa_lm_head.bin")
+MAX_HEAD_LAYERS = 64  # residual blocks per head; published heads have 1
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
@@ -34,8 +36,7 @@ def read_heads_tensors(heads_dir: str) -> tuple[dict[str, np.ndarray], dict]:
     cfg_path = os.path.join(heads_dir, "config.json")
     config = {}
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            config = json.load(f)
+        config = read_json_object(cfg_path)
     for name in HEADS_FILES:
         path = os.path.join(heads_dir, name)
         if os.path.isfile(path):
@@ -76,7 +77,12 @@ def heads_from_state_dict(tensors: dict[str, np.ndarray], *, hidden: int, vocab:
         parsed[(int(m.group(1)), int(m.group(2)), m.group(3))] = arr
     if not parsed:
         raise CheckpointError(f"the {source} holds no tensors")
-    num_heads = max(i for i, _, _ in parsed) + 1
+    head_ids = sorted({i for i, _, _ in parsed})  # checked before anything is sized by them
+    if head_ids != list(range(len(head_ids))):
+        missing = next(i for i in range(len(head_ids) + 1) if i not in head_ids)
+        raise CheckpointError(f"the {source} has keys for heads {head_ids[:6]}{'...' if len(head_ids) > 6 else ''} "
+                              f"but none for head {missing}; heads are numbered 0..n-1")
+    num_heads = len(head_ids)
     proj_idx = {j for _, j, kind in parsed if kind == "weight"}
     if len(proj_idx) > 1:
         raise CheckpointError(f"heads in the {source} disagree on their layer count (projections at {sorted(proj_idx)})")
@@ -87,6 +93,9 @@ def heads_from_state_dict(tensors: dict[str, np.ndarray], *, hidden: int, vocab:
     else:
         linear_idx = {j for _, j, kind in parsed if kind != "weight"}
         layers = num_layers if num_layers is not None else (max(linear_idx) + 1 if linear_idx else 0)
+    if not 0 <= layers <= MAX_HEAD_LAYERS:
+        raise CheckpointError(f"the {source} asks for {layers} layers per head (medusa_num_layers or the key "
+                              f"numbering); more than {MAX_HEAD_LAYERS} is not a Medusa head")
     shared = not any(kind == "weight" for _, _, kind in parsed)
     heads = nnx.eval_shape(lambda: MedusaHeads(hidden, vocab, num_heads, layers, shared_lm_head=shared,
                                                dtype=dtype, rngs=nnx.Rngs(0)))
@@ -138,19 +147,46 @@ def load_heads(heads_dir: str, *, hidden: int, vocab: int, dtype) -> MedusaHeads
 
 
 def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = None, dtype=None,
-               tree: list[list[int]] | None = None) -> None:
-    """Writes the official heads-only layout: medusa_lm_head.safetensors + config.json.
+               tree: list[list[int]] | None = None, pt: bool = False) -> None:
+    """Writes the official heads-only layout: medusa_lm_head.safetensors (or .pt) + config.json, atomically.
 
     tree: the heads' default tree, written as `medusa_choices` (load() makes it the model's default).
+    pt: write medusa_lm_head.pt (needs torch). The other format's heads file, which would shadow or be
+    shadowed by the new one, is removed. A directory whose config.json is not a heads config (a model
+    directory) is refused rather than overwritten.
     """
     os.makedirs(heads_dir, exist_ok=True)
+    cfg_path = os.path.join(heads_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                is_heads = "medusa_num_heads" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            is_heads = False
+        if not is_heads:
+            raise CheckpointError(f"{cfg_path} is not a Medusa heads config; write heads into their own directory")
     tensors = heads_state_dict(heads)
     if dtype is not None:
-        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
-    save_safetensors(os.path.join(heads_dir, "medusa_lm_head.safetensors"), tensors, {"format": "pt"})
+        tensors = {k: np.asarray(v).astype(dtype) for k, v in tensors.items()}
+    name = "medusa_lm_head.pt" if pt else "medusa_lm_head.safetensors"
+    if pt:
+        import torch
+
+        sd = {k: torch.from_numpy(np.asarray(v, np.float32)).to(_torch_dtype(torch, v.dtype))
+              for k, v in tensors.items()}
+        with atomic_open(os.path.join(heads_dir, name), "wb") as f:
+            torch.save(sd, f)
+    else:
+        save_safetensors(os.path.join(heads_dir, name), tensors, {"format": "pt"})
+    for other in HEADS_FILES:
+        if other != name and os.path.isfile(os.path.join(heads_dir, other)):
+            os.remove(os.path.join(heads_dir, other))
     config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.num_layers,
               "base_model_name_or_path": base_model or "", "hidden_size": heads.hidden, "vocab_size": heads.vocab}
     if tree is not None:
         config["medusa_choices"] = [list(map(int, p)) for p in tree]
-    with open(os.path.join(heads_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json(os.path.join(heads_dir, "config.json"), config)
+
+
+def _torch_dtype(torch, dtype):
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(np.dtype(dtype)), torch.float32)

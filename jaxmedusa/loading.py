@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import re
+import shutil
+import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -12,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checkpoint import export_params, read_params, save_tensors, weight_files
+from .atomic import atomic_open, read_json_object, write_json
+from .checkpoint import CheckpointError, export_params, is_weight_file, read_params, save_tensors, weight_files
 from .heads_io import configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors
 from .models import CausalLM, ConfigError, ModelConfig, abstract_lm, normalize_key, optional_keys, param_table
 from .tree import TreeError, build_tree
@@ -79,11 +83,40 @@ def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype) -> Cau
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _param_count(cfg: ModelConfig) -> int:
+    return sum(int(np.prod(e.hf_shape, dtype=object)) for e in param_table(cfg))
+
+
+def _check_config_fits(cfg: ModelConfig, files: list[str], model_dir: str) -> None:
+    """Refuses a config that asks for more parameters than its weight files could hold (at one byte each),
+    before anything is sized by it: a crafted num_hidden_layers of 10^8 fails here, not after minutes."""
+    one, two = (_param_count(dataclasses.replace(cfg, num_layers=n)) for n in (1, 2))
+    need = one + (cfg.num_layers - 1) * (two - one)
+    have = sum(os.path.getsize(f) for f in files)
+    if need > have:
+        raise ConfigError(f"{model_dir}/config.json describes {need:,} parameters ({cfg.num_layers} layers, hidden "
+                          f"{cfg.hidden_size}, vocab {cfg.vocab_size}) but its weight files hold {have:,} bytes")
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def check_finite(module: nnx.Module, source: str) -> None:
+    """Refuses NaN or infinite parameters (a damaged or badly converted file), naming the first one."""
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    ok = jax.device_get(_all_finite([v.get_value() for _, v in flat]))
+    bad = [".".join(map(str, path)) for (path, _), good in zip(flat, ok) if not good]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source}: parameter {bad[0]} holds NaN or infinity{more}")
+
+
 def _eos_ids(model_dir: str, cfg: ModelConfig) -> tuple[int, ...]:
     path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
+        eos = read_json_object(path).get("eos_token_id")
         if eos is not None:
             return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
     return cfg.eos_token_ids
@@ -93,10 +126,54 @@ def load_tokenizer(model_dir: str):
     """transformers' AutoTokenizer from local files, or None when the directory has no tokenizer."""
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
         return None
+    if "transformers" not in sys.modules:  # its import-time "PyTorch was not found" advice, on a plain install
+        quiet = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if quiet is None:
+                del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+            else:
+                os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = quiet
     from transformers import AutoTokenizer
 
     # never run code from a model directory: a tokenizer_config.json with an auto_map is refused, not executed
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub (read at call
+    time, so a changed environment is honoured)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def resolve_dir(path_or_id: str | os.PathLike, *, revision: str | None = None, what: str = "model") -> str:
+    """A local directory as given, or the snapshot of a hub id (`org/name`) in the local Hugging Face cache.
+
+    Nothing is ever downloaded: a hub id that is not cached is an error saying how to get it there.
+    """
+    path = os.fspath(path_or_id)
+    if os.path.isdir(path):
+        return path
+    if not _HUB_ID.match(path):
+        raise FileNotFoundError(f"{what} directory {path!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    cache = hf_cache_dir()
+    try:
+        return snapshot_download(path, revision=revision, cache_dir=cache, local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError and friends: not cached (or an unknown revision)
+        rev = f" at revision {revision!r}" if revision else ""
+        raise FileNotFoundError(f"{what} {path!r}{rev} is neither a local directory nor in the Hugging Face cache "
+                                f"({cache}); jaxmedusa never downloads: fetch it once with `hf download {path}`"
+                                f"{' --revision ' + revision if revision else ''}, or pass a directory") from None
 
 
 def default_model_paths() -> tuple[str, str]:
@@ -109,10 +186,12 @@ def default_model_paths() -> tuple[str, str]:
 
 
 def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | None = None, dtype=None,
-         max_len: int | None = None) -> Model:
+         max_len: int | None = None, revision: str | None = None) -> Model:
     """Loads a local model directory (config.json + safetensors or .bin weights) of any architecture in
     SUPPORTED_ARCHITECTURES: Llama, Mistral, Qwen2/2.5, Qwen3, GLM (HF and THUDM ChatGLM layouts), OPT.
 
+    path: a model directory, or a hub id (`lmsys/vicuna-7b-v1.3`) already in the local Hugging Face cache
+    (HF_HUB_CACHE / HF_HOME; `revision` picks a branch, tag or commit, default main); never downloads.
     path None: the embedded default model (a small Llama trained on the Python standard library, with its
     Medusa heads, tree and tokenizer), which needs no download.
     heads: a Medusa heads-only directory (medusa_lm_head.safetensors/.pt + config.json). A full Medusa-2
@@ -126,9 +205,8 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
     if path is None:
         path, default_heads = default_model_paths()
         heads = default_heads if heads is None else heads
-    model_dir = os.fspath(path)
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    model_dir = resolve_dir(path, revision=revision)
+    heads = None if heads is None else resolve_dir(heads, what="heads")
     cfg = ModelConfig.from_json(model_dir)
     if max_len is None:
         max_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
@@ -138,8 +216,7 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
     if cfg.family == "opt" and max_len > cfg.max_position_embeddings:
         raise ConfigError(f"max_len {max_len} exceeds the OPT model's max_position_embeddings "
                           f"{cfg.max_position_embeddings} (its learned positions end there)")
-    with open(os.path.join(model_dir, "config.json")) as f:
-        raw = json.load(f)
+    raw = read_json_object(os.path.join(model_dir, "config.json"))
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype(raw.get("torch_dtype") or raw.get("dtype"))
     embedded: dict[str, np.ndarray] = {}
 
@@ -149,9 +226,12 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
             return True
         return False
 
-    params = read_params(weight_files(model_dir), param_table(cfg), dtype, optional=optional_keys(cfg),
+    files = weight_files(model_dir)
+    _check_config_fits(cfg, files, model_dir)
+    params = read_params(files, param_table(cfg), dtype, optional=optional_keys(cfg),
                          claim=claim, rename=lambda key: normalize_key(cfg, key))
     lm = build_model(cfg, params, dtype)
+    check_finite(lm, f"the weights in {model_dir}")
     medusa_heads, tree = None, None
     if heads is not None:
         tensors, heads_cfg = read_heads_tensors(os.fspath(heads))
@@ -161,6 +241,7 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
     if heads is not None or embedded:
         medusa_heads = heads_from_state_dict(tensors, hidden=cfg.embed_dim, vocab=cfg.vocab_size, dtype=dtype,
                                              num_layers=configured_layers(heads_cfg), source=source)
+        check_finite(medusa_heads, f"the {source}")
         tree = configured_tree(heads_cfg, source)
         if tree is not None:
             try:
@@ -171,20 +252,68 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
                  eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads, tree=tree)
 
 
+SAVE_MANIFEST = "jaxmedusa_save.json"  # the files a save() wrote, so the next save into the directory may replace them
+
+
+def _previous_save(model_dir: str) -> set[str]:
+    path = os.path.join(model_dir, SAVE_MANIFEST)
+    if not os.path.isfile(path):
+        return set()
+    files = read_json_object(path).get("files")
+    if not isinstance(files, list):
+        raise CheckpointError(f"{path} has no list of files; save into a new directory")
+    return {os.path.basename(str(n)) for n in files}
+
+
 def save(model: Model | CausalLM, path: str | os.PathLike, *, dtype=None,
          max_shard_bytes: int | None = None) -> None:
-    """Writes an HF model directory (config.json + safetensors) that load() and transformers both read."""
+    """Writes an HF model directory (config.json + safetensors, the tokenizer and generation_config.json of a
+    loaded Model) that load() and transformers both read.
+
+    Every file is written atomically. The directory must be new or empty, or hold an earlier save(): a model
+    jaxmedusa did not write is never overwritten, and the files of an earlier save that this one does not
+    rewrite (another shard count, the other of single file / index) are removed, so no stale weights shadow
+    the new ones. The earlier save's entry point (index or single file) goes first, so an interrupted save
+    leaves a directory that fails to load, never one that loads a mix of old and new weights.
+    """
     lm = model.lm if isinstance(model, Model) else model
     model_dir = os.fspath(path)
     os.makedirs(model_dir, exist_ok=True)
+    previous = _previous_save(model_dir)
     flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))}
     tensors = export_params(flat, param_table(lm.config))
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     cfg = lm.config.to_hf_dict()
     cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    save_tensors(model_dir, tensors, max_shard_bytes)
-    if isinstance(model, Model) and model.tokenizer is not None:
-        model.tokenizer.save_pretrained(model_dir)
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".save-") as staging:
+        # the tokenizer files and generation_config.json are staged first, so their names are known
+        if isinstance(model, Model) and model.tokenizer is not None:
+            model.tokenizer.save_pretrained(staging)
+        gen = os.path.join(model.path, "generation_config.json") if isinstance(model, Model) and model.path else None
+        if gen and os.path.isfile(gen):
+            shutil.copyfile(gen, os.path.join(staging, "generation_config.json"))
+        extras = sorted(os.listdir(staging))
+        ours = {"config.json", SAVE_MANIFEST, *extras}
+        foreign = [n for n in sorted(os.listdir(model_dir))
+                   if (is_weight_file(n) or n in ours) and n not in previous and n != SAVE_MANIFEST]
+        if foreign:
+            raise CheckpointError(f"{model_dir} already holds {foreign[0]}, which jaxmedusa.save did not write; "
+                                  f"save into a new or empty directory")
+        for name in sorted(previous):  # the old entry points first: never a loadable mix of old and new
+            if name.endswith(".index.json") or name in ("model.safetensors", "pytorch_model.bin"):
+                _remove(os.path.join(model_dir, name))
+        write_json(os.path.join(model_dir, "config.json"), cfg)
+        written = save_tensors(model_dir, tensors, max_shard_bytes)
+        for name in extras:
+            with open(os.path.join(staging, name), "rb") as src, atomic_open(os.path.join(model_dir, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    files = {"config.json", *written, *extras}
+    for name in sorted(previous - files):
+        _remove(os.path.join(model_dir, name))
+    write_json(os.path.join(model_dir, SAVE_MANIFEST), {"files": sorted(files)})
+
+
+def _remove(path: str) -> None:
+    if os.path.isfile(path):
+        os.remove(path)

@@ -309,6 +309,9 @@ def test_distill_kl_medusa2_runs_against_frozen_teacher(run_dir, tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_mode(run_dir, tmp_path):
     out = str(tmp_path / "x")
     Trainer(make_cfg(run_dir, out, steps=2)).run()
+    with pytest.raises(ValueError, match="other settings .*mode: 'medusa1' -> 'medusa2'"):
+        Trainer(make_cfg(run_dir, out, steps=2, mode="medusa2")).run()
+    os.remove(os.path.join(out, "run.json"))  # a run from before manifests: the checkpoint itself is checked
     with pytest.raises(ValueError, match="different model or mode"):
         Trainer(make_cfg(run_dir, out, steps=2, mode="medusa2")).run()
 

@@ -8,6 +8,7 @@ relative to the working directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -77,6 +78,10 @@ class TrainConfig:
         def fail(key: str, msg: str):
             raise TrainConfigError(f"{key}: {msg}")
 
+        for f in dataclasses.fields(self):  # inf/nan pass every comparison below, so refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f.name, f"must be a finite number, got {value!r}")
         if self.mode not in MODES:
             fail("mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
         if (self.model is None) == (self.model_init is None):

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from jaxmedusa.atomic import atomic_open
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
           "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
 
@@ -101,7 +103,7 @@ def load_conversations(path: str) -> list[list[Message]]:
 def save_conversations(path: str, conversations: Iterable[Sequence[Message]]) -> None:
     """Writes JSONL records in the messages (role/content) form."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         for conv in conversations:
             f.write(json.dumps({"messages": [{"role": m.role, "content": m.content} for m in conv]},
                                ensure_ascii=False) + "\n")

@@ -8,7 +8,7 @@ says, which is what speculative decoding has to predict (the Medusa paper's self
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from jaxmedusa.generate import generate
 from jaxmedusa.loading import Model
@@ -16,24 +16,51 @@ from jaxmedusa.loading import Model
 from .data import ChatRenderer, Message
 
 
+TOO_LONG = ("skip", "truncate")
+
+
 def distill(model: Model, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int = 256,
             batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-            template: str = "auto") -> list[list[Message]]:
+            template: str = "auto", too_long: str = "skip", on_skip: Callable[[int, str], None] | None = None,
+            on_done: Callable[[int, list[Message]], None] | None = None) -> list[list[Message]]:
     """Returns the conversations with every assistant turn replaced by the model's own reply.
 
     A conversation is cut after its last user turn (a trailing user turn gets a reply too), so each
-    result ends with a generated assistant turn.
+    result ends with a generated assistant turn. A turn whose prompt and max_new_tokens do not fit in the
+    model's max_len is not generated: with too_long="skip" its conversation is left out, with "truncate" it
+    ends at its last reply that fit (left out if none did); either way on_skip(index, reason) names it.
+    on_done(index, conversation) is called as each conversation is finished, so a caller can keep the work
+    done so far when a later batch fails.
     """
     if model.tokenizer is None:
         raise ValueError("distillation needs the model's tokenizer (the model directory has none)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long must be one of {', '.join(TOO_LONG)}, got {too_long!r}")
+    dropped: set[int] = set()
     renderer = ChatRenderer(model.tokenizer, template)
     prompts_of = [[m for m in conv if m.role != "assistant"] for conv in conversations]
     out: list[list[Message]] = [[] for _ in conversations]
     pending = [0] * len(conversations)  # index into prompts_of[i] of the next turn to add
     eos = model.eos_token_ids or ((model.tokenizer.eos_token_id,) if model.tokenizer.eos_token_id is not None else ())
     step = 0
+
+    def _stop(i: int, prompt_tokens: int) -> None:
+        """Turn `pending[i] - 1` of conversation i does not fit: end or drop the conversation."""
+        out[i].pop()  # the user turn that was to be answered
+        while out[i] and out[i][-1].role != "assistant":
+            out[i].pop()
+        pending[i] = len(prompts_of[i])
+        keep = too_long == "truncate" and out[i]
+        if not keep:
+            dropped.add(i)
+        elif on_done is not None:
+            on_done(i, out[i])
+        if on_skip is not None:
+            on_skip(i, f"{'truncated to its replies that fit' if keep else 'left out'}: a turn needs {prompt_tokens} "
+                       f"prompt tokens + max_new_tokens {max_new_tokens} > max_len {model.max_len}")
+
     while True:
         ready = []
         for i, turns in enumerate(prompts_of):
@@ -45,13 +72,23 @@ def distill(model: Model, conversations: Sequence[Sequence[Message]], *, max_new
                 pending[i] += 1
                 ready.append(i)
         if not ready:
-            return out
+            return [conv for i, conv in enumerate(out) if i not in dropped]
         for start in range(0, len(ready), batch_size):
-            chunk = ready[start:start + batch_size]
-            ids = [model.tokenizer(renderer.prompt(out[i]), add_special_tokens=False)["input_ids"] for i in chunk]
+            chunk, ids = [], []
+            for i in ready[start:start + batch_size]:
+                prompt = model.tokenizer(renderer.prompt(out[i]), add_special_tokens=False)["input_ids"]
+                if len(prompt) + max_new_tokens > model.max_len:
+                    _stop(i, len(prompt))
+                else:
+                    chunk.append(i)
+                    ids.append(prompt)
+            if not chunk:
+                continue
             result = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed + step, eos_token_id=list(eos), medusa=False)
             step += 1
             for i, toks in zip(chunk, result.tokens):
                 text = model.tokenizer.decode(toks, skip_special_tokens=True)
                 out[i].append(Message("assistant", text if renderer.use_chat_template else text.lstrip()))
+                if pending[i] == len(prompts_of[i]) and on_done is not None:
+                    on_done(i, out[i])

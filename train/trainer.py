@@ -9,9 +9,11 @@ Checkpoints (Orbax) hold the state and the data position, so a resumed run conti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from functools import partial
 from typing import Any
@@ -23,12 +25,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxmedusa.atomic import atomic_open, write_json
 from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.heads_io import save_heads
 from jaxmedusa.loading import Model, load, load_tokenizer, save
 from jaxmedusa.models import CausalLM, ModelConfig, abstract_lm, create_lm
 
-from . import losses
+from . import losses, run_dir
 from .checkpointing import Checkpointer
 from .config import TrainConfig, TrainConfigError
 from .data import ChatRenderer, DataError, TokenizedData, get_batch, load_conversations, tokenize
@@ -242,8 +245,13 @@ class Trainer:
     """One training run: builds everything from the config, resumes from the latest checkpoint in
     output_dir, trains, checkpoints, logs, and exports at the end."""
 
-    def __init__(self, cfg: TrainConfig, devices=None):
+    def __init__(self, cfg: TrainConfig, devices=None, *, restart: bool = False):
         self.cfg = cfg
+        self.restart = restart
+        export_model = os.path.realpath(os.path.join(cfg.output_dir, "model"))
+        if cfg.trains_base and cfg.model and os.path.realpath(cfg.model) == export_model:
+            raise TrainConfigError(f"model: {cfg.model} is where this run exports its trained model; train from a "
+                                   f"copy or use another output_dir")
         self.mesh = make_mesh(cfg.mesh, devices)
         check_batch(self.mesh, cfg.batch_size, cfg.grad_accum)
         self.models = build_models(cfg)
@@ -275,12 +283,30 @@ class Trainer:
         latest = self.checkpointer.latest_step()
         if latest is None or latest <= self.step:
             return False
+        if latest > self.cfg.steps:
+            raise TrainConfigError(f"steps: {self.cfg.output_dir} holds a checkpoint at step {latest}, past steps="
+                                   f"{self.cfg.steps}; raise steps, or use --restart or another output_dir")
         restored = self.checkpointer.restore_latest(self.state, self.state_sharding)
+        for skipped in self.checkpointer.skipped:
+            print(f"jaxmedusa train: skipped a damaged checkpoint ({skipped})", file=sys.stderr)
         if restored is None:
             return False
         self.state, meta = restored
         self.position = int(meta["position"])
+        self._drop_metrics_after(self.step)
         return True
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """metrics.jsonl without the rows of steps a resume will run again (logged after the last checkpoint)."""
+        path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+        if jax.process_index() != 0 or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            rows = [line for line in f if line.strip()]
+        keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        if len(keep) != len(rows):
+            with atomic_open(path, "w") as f:
+                f.writelines(keep)
 
     def batch(self, position: int):
         cfg = self.cfg
@@ -294,11 +320,22 @@ class Trainer:
 
     def run(self, until: int | None = None) -> TrainResult:
         """Trains to cfg.steps (or stops after step `until` without exporting, as a killed run would),
-        first resuming from the newest checkpoint in output_dir if it is ahead of this trainer's state."""
+        first resuming from the newest checkpoint in output_dir if it is ahead of this trainer's state.
+        output_dir is held for the run (run_dir.claim): another process, or other settings, are refused."""
+        cfg = self.cfg
+        restart, self.restart = self.restart, False  # a restart clears output_dir once, not on every run()
+        inputs = (cfg.model, cfg.tokenizer, *cfg.data, *cfg.eval_data)
+        claimed = (run_dir.claim(cfg.output_dir, cfg.to_dict(), restart=restart, inputs=inputs)
+                   if jax.process_index() == 0 else contextlib.nullcontext())
+        with claimed:
+            if restart:
+                self.checkpointer = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
+            return self._run(until)
+
+    def _run(self, until: int | None) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        os.makedirs(cfg.output_dir, exist_ok=True)
         self.restore()
         start = self.step
         last = cfg.steps if until is None else min(until, cfg.steps)
@@ -306,13 +343,21 @@ class Trainer:
                    desc=cfg.mode, dynamic_ncols=True)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         t_log, steps_since = time.perf_counter(), 0
+        finite, saved = jnp.bool_(True), start
         for step in range(start, last):
             joint = not cfg.trains_base or step >= cfg.heads_warmup_steps
             tokens, mask = self.batch(self.position)
             self.state, metrics = self._step_fn(joint)(self.state, self.frozen, tokens, mask)
+            finite = finite & jnp.isfinite(metrics["loss"])  # on device; read at log and checkpoint steps
             self.position += cfg.batch_size
             steps_since += 1
             done = step + 1
+            checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if (done % cfg.log_every == 0 or done == last or checkpoint) and not bool(finite):
+                bar.close()
+                raise NonFiniteLoss(f"the loss became NaN or infinite by step {done}; stopped without saving that "
+                                    f"state (output_dir keeps its checkpoint of step {saved}); lower learning_rate "
+                                    f"or check the data")
             if done % cfg.log_every == 0 or done == last:
                 row = summarize(metrics)
                 now = time.perf_counter()
@@ -321,8 +366,9 @@ class Trainer:
                 self._log(row)
                 bar.set_postfix(_postfix(row))
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if checkpoint:
                 self.checkpointer.save(done, self.state, {"position": self.position, "step": done})
+                saved = done
         bar.close()
         self.checkpointer.wait()
         heads_dir = model_dir = None
@@ -398,8 +444,7 @@ class Trainer:
         if heads is not None:
             heads_dir = os.path.join(out, "heads")
             save_heads(heads, heads_dir, base_model=model_dir or self.cfg.model)
-        with open(os.path.join(out, "train_config.json"), "w") as f:
-            json.dump(self.cfg.to_dict(), f, indent=2)
+        write_json(os.path.join(out, "train_config.json"), self.cfg.to_dict())
         return heads_dir, model_dir
 
 
@@ -413,6 +458,13 @@ def _postfix(row: dict) -> dict[str, str]:
     return out
 
 
-def train(cfg: TrainConfig, devices=None) -> TrainResult:
-    """Runs (or resumes) a training run to the end and exports heads (and the base when trained)."""
-    return Trainer(cfg, devices).run()
+def train(cfg: TrainConfig, devices=None, *, restart: bool = False) -> TrainResult:
+    """Runs (or resumes) a training run to the end and exports heads (and the base when trained).
+
+    restart: start over in output_dir, removing what an earlier run wrote there (checkpoints, metrics, exports).
+    """
+    return Trainer(cfg, devices, restart=restart).run()
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the run stopped before checkpointing that state."""

@@ -10,9 +10,10 @@ module; `ModelConfig.from_hf_dict` picks the family from `architectures` through
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Mapping
+
+from ..atomic import read_json_object
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -112,11 +113,10 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"no config.json at {path}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        try:
+            d = read_json_object(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return cls.from_hf_dict(d)
 
 

@@ -14,6 +14,7 @@ and picks its keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,10 @@ class DecoderConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, value in (("rms_norm_eps", self.rms_norm_eps), ("rope_theta", self.rope.theta),
+                            ("rope factor", self.rope.factor)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
         rd = self.rope.rotary_dim(self.head_dim)
         if rd <= 0 or rd % 2:
             raise ConfigError(f"rotary dims int(head_dim {self.head_dim} * partial_rotary_factor "
