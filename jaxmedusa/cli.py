@@ -40,7 +40,42 @@ def _add_generate(sub) -> None:
     p.add_argument("--compare", action="store_true",
                    help="also run vanilla decoding and print both speeds, the speedup and mean accepted length")
     p.add_argument("--json", action="store_true", help="print one JSON object (tokens, texts, stats)")
+    p.add_argument("--chat", action="store_true", help="each prompt is one user message, rendered with the "
+                                                       "tokenizer's chat template (Vicuna v1.1 when it has none)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     p.set_defaults(func=cmd_generate)
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat, streaming each reply as its tokens are accepted "
+                                    "(/reset clears the conversation, /stats shows the last reply's speed, /quit)")
+    p.add_argument("--model", default=None, help="model directory or hub id in the local Hugging Face cache "
+                                                 "(default: the embedded model)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--heads", default=None, help="Medusa heads directory or hub id")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--no-medusa", action="store_true")
+    p.add_argument("--tree", default=None)
+    p.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    import jaxmedusa
+    from .chat import chat
+
+    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len, revision=args.revision)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("jaxmedusa chat: /reset clears the conversation, /stats shows speed, /quit ends", file=sys.stderr)
+    return chat(model, prompt=(lambda: print("USER: ", end="", flush=True)) if interactive else None,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                medusa=None if not args.no_medusa else False, tree=args.tree, acceptance=args.acceptance)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -54,14 +89,36 @@ def cmd_generate(args) -> int:
     import jaxmedusa
 
     prompts = [_parse_ids(p) for p in args.prompts] if args.ids else list(args.prompts)
+    if args.chat and args.ids:
+        raise CLIError("--chat renders text messages; it cannot take --ids")
+    if args.stream and (len(prompts) > 1 or args.json or args.compare or args.ids):
+        raise CLIError("--stream prints one text prompt's reply as it is generated; give one prompt, without "
+                       "--ids/--json/--compare")
     model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len, revision=args.revision)
     if not args.ids and model.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer; pass token ids with --ids")
+    if args.chat:
+        from .chat import renderer_for
+        from .train.data import Message
+
+        renderer = renderer_for(model.tokenizer)
+        prompts = [model.tokenizer(renderer.prompt([Message("user", p)]), add_special_tokens=False)["input_ids"]
+                   for p in prompts]
     use_medusa = model.heads is not None and not args.no_medusa
     if args.compare and not use_medusa:
         raise CLIError("--compare needs Medusa heads (--heads DIR or a Medusa-2 model directory)")
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     mkw = dict(kw, medusa=use_medusa, tree=args.tree, acceptance=args.acceptance, top_k=args.top_k)
+    if args.stream:
+        from .chat import status_line, stream_text
+
+        ids = prompts[0] if not isinstance(prompts[0], str) else model.tokenizer(prompts[0])["input_ids"]
+        if not args.chat:
+            print(args.prompts[0], end="", flush=True)
+        _, stats = stream_text(model, ids, sys.stdout, **mkw)
+        print(flush=True)
+        print(status_line(stats, use_medusa), file=sys.stderr)
+        return 0
     result = jaxmedusa.generate(model, prompts, **mkw)
     compile_seconds = result.stats["compile_seconds"]
     vanilla = None
@@ -77,7 +134,7 @@ def cmd_generate(args) -> int:
         return 0
     for i, toks in enumerate(result.tokens):
         body = result.texts[i] if result.texts is not None else " ".join(map(str, toks))
-        prefix = "" if args.ids else args.prompts[i]
+        prefix = "" if args.ids or args.chat else args.prompts[i]
         print(prefix + body)
     s = result.stats
     if s["medusa"]:
@@ -100,13 +157,19 @@ def cmd_generate(args) -> int:
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints between PyTorch formats and jaxmedusa")
     csub = p.add_subparsers(dest="what", required=True)
-    h = csub.add_parser("heads", help="Medusa heads: official .pt/.safetensors (any key variant) -> official "
-                                      "safetensors layout (or .pt with --pt)")
+    h = csub.add_parser("heads", help="Medusa heads: official .pt/.safetensors (any key variant) or vLLM's layout "
+                                      "-> official safetensors layout (.pt with --pt) or vLLM's (--to vllm)")
     h.add_argument("src")
     h.add_argument("dst")
     h.add_argument("--model", default=None, help="base model directory (for hidden/vocab sizes); default: "
                                                   "read them from the heads")
     h.add_argument("--pt", action="store_true", help="write medusa_lm_head.pt (torch) instead of safetensors")
+    h.add_argument("--to", choices=["official", "vllm"], default="official",
+                   help="official: FasterDecoding's layout (PyTorch Medusa, TensorRT-LLM's Medusa converter); "
+                        "vllm: vLLM's Medusa draft model (config model_type medusa + model.safetensors; vLLM "
+                        "proposes each head's top-1 only, no tree)")
+    h.add_argument("--from", dest="source", choices=["auto", "official", "vllm"], default="auto",
+                   help="the source layout (default: recognised from its config.json)")
     h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     h.set_defaults(func=cmd_convert_heads)
     m = csub.add_parser("model", help="HF model directory (.bin, sharded, Medusa-2) -> safetensors directory; "
@@ -131,26 +194,48 @@ def _np_dtype(name):
 def cmd_convert_heads(args) -> int:
     import jax.numpy as jnp
 
-    from .heads_io import configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors, save_heads
+    from .heads_io import (configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors, save_heads,
+                           save_heads_vllm)
 
     tensors, config = read_heads_tensors(args.src)
-    hidden, vocab = _heads_sizes(tensors, args.model)
+    found = "vllm" if config.get("model_type") == "medusa" else "official"
+    if args.source not in ("auto", found):
+        raise CLIError(f"{args.src} holds heads in the {found} layout, not {args.source}")
+    hidden, vocab = _heads_sizes(tensors, config, args.model)
     source = f"heads in {args.src}"
     heads = heads_from_state_dict(tensors, hidden=hidden, vocab=vocab, dtype=jnp.float32,
                                   num_layers=configured_layers(config), source=source)
-    base = config.get("base_model_name_or_path")
-    save_heads(heads, args.dst, base_model=base, dtype=_np_dtype(args.dtype), tree=configured_tree(config, source),
-               pt=args.pt)
-    print(f"wrote {heads.num_heads} heads x {heads.num_layers} layers to {args.dst}")
+    if args.to == "vllm":
+        if args.pt:
+            raise CLIError("--pt writes the official layout; vLLM's layout is safetensors")
+        lm_head = _base_lm_head(args.model) if heads.shared_lm_head and args.model else None
+        save_heads_vllm(heads, args.dst, lm_head=lm_head, dtype=_np_dtype(args.dtype))
+    else:
+        save_heads(heads, args.dst, base_model=config.get("base_model_name_or_path"), dtype=_np_dtype(args.dtype),
+                   tree=configured_tree(config, source), pt=args.pt)
+    print(f"wrote {heads.num_heads} heads x {heads.num_layers} layers to {args.dst} ({args.to} layout)")
     return 0
 
 
-def _heads_sizes(tensors, model_dir):
+def _base_lm_head(model_dir: str) -> np.ndarray:
+    """The base model's LM head as HF stores it, [vocab, hidden] (the embeddings when tied)."""
+    import jaxmedusa
+
+    lm = jaxmedusa.load(model_dir, dtype="float32", max_len=16).lm
+    if lm.lm_head is None:
+        return np.asarray(lm.embed_tokens.embedding[...])
+    return np.asarray(lm.lm_head.kernel[...]).T
+
+
+def _heads_sizes(tensors, config, model_dir):
     if model_dir is not None:
+        from .loading import resolve_dir
         from .models import ModelConfig
 
-        cfg = ModelConfig.from_json(model_dir)
+        cfg = ModelConfig.from_json(resolve_dir(model_dir))
         return cfg.embed_dim, cfg.vocab_size
+    if config.get("hidden_size") and config.get("vocab_size"):  # jaxmedusa's and vLLM's heads configs say
+        return int(config["hidden_size"]), int(config["vocab_size"])
     for key, arr in tensors.items():
         if key.endswith(".linear.bias"):
             hidden = arr.shape[0]
@@ -262,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_chat(sub)
     _add_convert(sub)
     _add_train(sub)
     _add_distill(sub)

@@ -30,19 +30,56 @@ _KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
 def read_heads_tensors(heads_dir: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(state dict with official keys, config.json contents) from a heads-only directory."""
+    """(state dict with official keys, config.json contents) from a heads-only directory, in the official
+    (FasterDecoding) layout or vLLM's (config model_type "medusa", model.safetensors; see from_vllm)."""
     if not os.path.isdir(heads_dir):
         raise FileNotFoundError(f"heads directory {heads_dir!r} does not exist")
     cfg_path = os.path.join(heads_dir, "config.json")
     config = {}
     if os.path.isfile(cfg_path):
         config = read_json_object(cfg_path)
-    for name in HEADS_FILES:
+    names = HEADS_FILES + (VLLM_FILES if config.get("model_type") == "medusa" else ())
+    for name in names:
         path = os.path.join(heads_dir, name)
         if os.path.isfile(path):
             it = iter_safetensors(path) if name.endswith(".safetensors") else iter_bin(path)
-            return {k: np.asarray(v) for k, v in it}, config
-    raise CheckpointError(f"no Medusa heads in {heads_dir}: expected one of {', '.join(HEADS_FILES)}")
+            tensors = {k: np.asarray(v) for k, v in it}
+            return (from_vllm(tensors, config, path), config) if name in VLLM_FILES else (tensors, config)
+    raise CheckpointError(f"no Medusa heads in {heads_dir}: expected one of {', '.join(HEADS_FILES)}, or a vLLM "
+                          f"Medusa directory (config.json model_type 'medusa' + {' or '.join(VLLM_FILES)})")
+
+
+# vLLM's Medusa draft model (vllm/model_executor/models/medusa.py, configs/medusa.py): config.json with
+# model_type "medusa", num_heads, num_hidden_layers, hidden_size, vocab_size, truncated_vocab_size,
+# medusa_fc_bias, original_lm_head; tensors blocks.{i}.layers.{j}.weight (+ .bias with medusa_fc_bias) and
+# lm_heads.{i}.weight, or only lm_heads.0.weight (the base's LM head) with original_lm_head. vLLM proposes
+# each head's top-1 token only (a chain), so it uses none of a tree.
+VLLM_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def from_vllm(tensors: dict[str, np.ndarray], config: dict, source: str) -> dict[str, np.ndarray]:
+    """vLLM Medusa tensors -> official keys (missing biases, with medusa_fc_bias false, become zeros)."""
+    if int(config.get("truncated_vocab_size") or config.get("vocab_size", 0)) < int(config.get("vocab_size", 0)):
+        raise CheckpointError(f"{source}: heads with a truncated vocabulary (token_map) are not supported")
+    layers = int(config.get("num_hidden_layers", config.get("medusa_num_layers", 1)))
+    shared = bool(config.get("original_lm_head", False))
+    out: dict[str, np.ndarray] = {}
+    for key, arr in tensors.items():
+        key = key.removeprefix("medusa_heads.")
+        m = _VLLM_KEY.match(key)
+        if m is None:
+            raise CheckpointError(f"{source}: unexpected key {key!r} for vLLM Medusa heads")
+        if m.group(1) == "blocks":
+            out[f"{m.group(2)}.{m.group(3)}.linear.{m.group(4)}"] = arr
+        elif not shared:
+            out[f"{m.group(6)}.{layers}.weight"] = arr
+    for key, arr in list(out.items()):
+        if key.endswith(".linear.weight") and key.replace("weight", "bias") not in out:
+            out[key.replace("weight", "bias")] = np.zeros(arr.shape[0], arr.dtype)
+    return out
+
+
+_VLLM_KEY = re.compile(r"^(?:(blocks)\.(\d+)\.layers\.(\d+)\.(weight|bias)|(lm_heads)\.(\d+)\.weight)$")
 
 
 def configured_layers(config: dict) -> int | None:
@@ -156,15 +193,7 @@ def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = N
     directory) is refused rather than overwritten.
     """
     os.makedirs(heads_dir, exist_ok=True)
-    cfg_path = os.path.join(heads_dir, "config.json")
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path) as f:
-                is_heads = "medusa_num_heads" in json.load(f)
-        except (OSError, ValueError, TypeError):
-            is_heads = False
-        if not is_heads:
-            raise CheckpointError(f"{cfg_path} is not a Medusa heads config; write heads into their own directory")
+    _refuse_model_config(heads_dir)
     tensors = heads_state_dict(heads)
     if dtype is not None:
         tensors = {k: np.asarray(v).astype(dtype) for k, v in tensors.items()}
@@ -186,6 +215,50 @@ def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = N
     if tree is not None:
         config["medusa_choices"] = [list(map(int, p)) for p in tree]
     write_json(os.path.join(heads_dir, "config.json"), config)
+
+
+def _refuse_model_config(heads_dir: str) -> None:
+    """Heads are never written over another kind of config.json (a model directory's)."""
+    cfg_path = os.path.join(heads_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        return
+    try:
+        config = read_json_object(cfg_path)
+    except (OSError, ValueError):
+        config = {}
+    if "medusa_num_heads" not in config and config.get("model_type") != "medusa":
+        raise CheckpointError(f"{cfg_path} is not a Medusa heads config; write heads into their own directory")
+
+
+def save_heads_vllm(heads: MedusaHeads, heads_dir: str, *, lm_head: np.ndarray | None = None, dtype=None) -> None:
+    """Writes heads in vLLM's Medusa layout (config.json + model.safetensors, atomically; see VLLM_FILES).
+
+    Heads that share the base LM head need it (`lm_head` [vocab, hidden], as HF stores lm_head.weight):
+    vLLM keeps it in the draft file as lm_heads.0.weight with original_lm_head.
+    """
+    if heads.shared_lm_head and lm_head is None:
+        raise CheckpointError("these heads share the base model's LM head, which vLLM's layout stores with them; "
+                              "pass the base model (--model) to export it")
+    os.makedirs(heads_dir, exist_ok=True)
+    _refuse_model_config(heads_dir)
+    official = heads_state_dict(heads)
+    tensors = {}
+    for i in range(heads.num_heads):
+        for j in range(heads.num_layers):
+            tensors[f"blocks.{i}.layers.{j}.weight"] = official[f"{i}.{j}.linear.weight"]
+            tensors[f"blocks.{i}.layers.{j}.bias"] = official[f"{i}.{j}.linear.bias"]
+        if not heads.shared_lm_head:
+            tensors[f"lm_heads.{i}.weight"] = official[f"{i}.{heads.num_layers}.weight"]
+    if heads.shared_lm_head:
+        tensors["lm_heads.0.weight"] = np.asarray(lm_head)
+    if dtype is not None:
+        tensors = {k: np.asarray(v).astype(dtype) for k, v in tensors.items()}
+    save_safetensors(os.path.join(heads_dir, "model.safetensors"), tensors, {"format": "pt"})
+    write_json(os.path.join(heads_dir, "config.json"), {
+        "model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": heads.hidden,
+        "vocab_size": heads.vocab, "num_heads": heads.num_heads, "num_hidden_layers": heads.num_layers,
+        "max_paths": 64, "topk": 10, "truncated_vocab_size": heads.vocab, "medusa_fc_bias": True,
+        "original_lm_head": heads.shared_lm_head})
 
 
 def _torch_dtype(torch, dtype):

@@ -130,3 +130,61 @@ def test_cache_size_defaults():
     parser = build_parser()
     assert parser.parse_args(["generate", "x"]).max_len is None  # generate sizes the cache to the request
     assert parser.parse_args(["distill", "--model", "m", "--data", "d", "--out", "o"]).max_len == 2048
+
+
+def test_vicuna_template_is_fastchats_v1_1(model_dir):
+    from jaxmedusa.train.data import VICUNA_SYSTEM, ChatRenderer, Message
+
+    tok = jaxmedusa.load(model_dir, max_len=32).tokenizer
+    r = ChatRenderer(tok, "vicuna")
+    convo = [Message("user", "hi"), Message("assistant", "hello"), Message("user", "w5")]
+    assert r.prompt(convo) == f"<s>{VICUNA_SYSTEM} USER: hi ASSISTANT: hello</s>USER: w5 ASSISTANT:"
+    text, spans = r.render(convo[:2])
+    assert text[spans[0][0]:spans[0][1]] == " hello</s>"
+
+
+def test_chat_streams_replies_with_history_reset_and_stats(model_dir, heads_dir):
+    import io
+
+    from jaxmedusa.chat import chat, renderer_for
+    from jaxmedusa.train.data import Message
+
+    model = jaxmedusa.load(model_dir, heads=heads_dir, max_len=256)
+    out, err = io.StringIO(), io.StringIO()
+    assert chat(model, lines=["w5 w6", "/stats", "w7 w8", "/reset", "w7 w8", "/quit", "never read"], out=out,
+                err=err, max_new_tokens=6) == 0
+    replies = out.getvalue().split("\n")[:3]
+    renderer = renderer_for(model.tokenizer)
+
+    def expected(messages):
+        ids = model.tokenizer(renderer.prompt(messages), add_special_tokens=False)["input_ids"]
+        toks = jaxmedusa.generate(model, [ids], max_new_tokens=6, medusa=False).tokens[0]
+        return model.tokenizer.decode(toks, skip_special_tokens=True)
+
+    first = expected([Message("user", "w5 w6")])
+    assert replies[0] == first
+    assert replies[1] == expected([Message("user", "w5 w6"), Message("assistant", first.strip()),
+                                   Message("user", "w7 w8")])  # the history is in the prompt
+    assert replies[2] == expected([Message("user", "w7 w8")])  # after /reset it is not
+    lines = err.getvalue().splitlines()
+    assert "accepted tokens/step" in lines[0] and lines[1] == lines[0]  # the status line, then /stats repeats it
+    assert "[conversation cleared]" in lines
+
+
+def test_generate_stream_and_chat_flags(model_dir, heads_dir, capsys):
+    from jaxmedusa.chat import renderer_for
+    from jaxmedusa.train.data import Message
+
+    base = ["generate", "--model", model_dir, "--heads", heads_dir, "--max-new-tokens", "6", "--max-len", "256"]
+    assert main(base + ["w5 w6 w7"]) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--stream", "w5 w6 w7"]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out == plain and "tokens/s" in streamed.err
+    assert main(base + ["--chat", "w5 w6"]) == 0
+    model = jaxmedusa.load(model_dir, max_len=64)
+    ids = model.tokenizer(renderer_for(model.tokenizer).prompt([Message("user", "w5 w6")]),
+                          add_special_tokens=False)["input_ids"]
+    assert capsys.readouterr().out.strip() == jaxmedusa.generate(model, [ids], max_new_tokens=6).texts[0].strip()
+    assert main(base + ["--stream", "w5", "w6"]) == 2
+    assert "give one prompt" in capsys.readouterr().err

@@ -177,3 +177,60 @@ def test_bad_heads_tree_is_named(tmp_path, tree, message):
     (tmp_path / "heads" / "config.json").write_text(json.dumps(dict(cfg, medusa_choices=tree)))
     with pytest.raises((CheckpointError, jaxmedusa.ConfigError), match=message):
         jaxmedusa.load(tmp_path / "base", heads=tmp_path / "heads", max_len=64)
+
+
+def test_vllm_layout_round_trip_and_load(jax_model_dir, tmp_path, capsys):
+    """convert heads --to vllm writes vLLM's Medusa draft layout (its config keys and tensor names), and it
+    converts back, and loads, to the same heads."""
+    from jaxmedusa.cli import main
+    from jaxmedusa.safetensors_io import iter_safetensors
+
+    src = jax_model_dir(seed=21)
+    model = jaxmedusa.load(src, max_len=16)
+    heads = random_heads(model.lm, num_heads=3, num_layers=2, seed=21)
+    jaxmedusa.save_heads(heads, tmp_path / "official")
+    assert main(["convert", "heads", str(tmp_path / "official"), str(tmp_path / "vllm"), "--to", "vllm"]) == 0
+    cfg = json.load(open(tmp_path / "vllm" / "config.json"))
+    assert {k: cfg[k] for k in ("model_type", "architectures", "num_heads", "num_hidden_layers", "medusa_fc_bias",
+                                 "original_lm_head", "truncated_vocab_size")} == \
+        {"model_type": "medusa", "architectures": ["MedusaModel"], "num_heads": 3, "num_hidden_layers": 2,
+         "medusa_fc_bias": True, "original_lm_head": False, "truncated_vocab_size": model.config.vocab_size}
+    keys = {k for k, _ in iter_safetensors(tmp_path / "vllm" / "model.safetensors")}
+    assert keys == ({f"blocks.{i}.layers.{j}.{p}" for i in range(3) for j in range(2) for p in ("weight", "bias")}
+                    | {f"lm_heads.{i}.weight" for i in range(3)})
+    assert main(["convert", "heads", str(tmp_path / "vllm"), str(tmp_path / "back"), "--from", "vllm"]) == 0
+    official = dict(iter_safetensors(tmp_path / "official" / "medusa_lm_head.safetensors"))
+    back = dict(iter_safetensors(tmp_path / "back" / "medusa_lm_head.safetensors"))
+    assert official.keys() == back.keys() and all(np.array_equal(official[k], back[k]) for k in official)
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, model.config.hidden_size)).astype(np.float32))
+    via_vllm = jaxmedusa.load(src, heads=tmp_path / "vllm", max_len=16)
+    np.testing.assert_array_equal(np.asarray(via_vllm.heads(hidden, model.lm.logits)),
+                                  np.asarray(heads(hidden, model.lm.logits)))
+    assert main(["convert", "heads", str(tmp_path / "vllm"), str(tmp_path / "x"), "--from", "official"]) == 2
+    assert "vllm layout, not official" in capsys.readouterr().err
+
+
+def test_vllm_shared_lm_head_and_bias_free_heads(jax_model_dir, tmp_path, capsys):
+    from jaxmedusa.cli import main
+    from jaxmedusa.safetensors_io import iter_safetensors, save_safetensors
+
+    src = jax_model_dir(seed=22)
+    model = jaxmedusa.load(src, max_len=16)
+    heads = random_heads(model.lm, num_heads=2, shared_lm_head=True, seed=22)
+    jaxmedusa.save_heads(heads, tmp_path / "v2")
+    assert main(["convert", "heads", str(tmp_path / "v2"), str(tmp_path / "vllm"), "--to", "vllm"]) == 2
+    assert "pass the base model (--model)" in capsys.readouterr().err
+    assert main(["convert", "heads", str(tmp_path / "v2"), str(tmp_path / "vllm"), "--to", "vllm",
+                 "--model", src]) == 0
+    stored = dict(iter_safetensors(tmp_path / "vllm" / "model.safetensors"))
+    np.testing.assert_array_equal(stored["lm_heads.0.weight"], np.asarray(model.lm.lm_head.kernel[...]).T)
+    assert json.load(open(tmp_path / "vllm" / "config.json"))["original_lm_head"] is True
+    again = jaxmedusa.load(src, heads=tmp_path / "vllm", max_len=16).heads
+    assert again.shared_lm_head and again.num_heads == 2
+    # vLLM heads trained without biases (medusa_fc_bias false): loaded with zero biases
+    cfg = json.load(open(tmp_path / "vllm" / "config.json"))
+    json.dump(dict(cfg, medusa_fc_bias=False), open(tmp_path / "vllm" / "config.json", "w"))
+    save_safetensors(tmp_path / "vllm" / "model.safetensors",
+                     {k: np.array(v) for k, v in stored.items() if not k.endswith(".bias")})
+    nobias = jaxmedusa.load(src, heads=tmp_path / "vllm", max_len=16).heads
+    assert not np.any(np.asarray(nobias.heads[1].blocks[0].linear.bias[...]))

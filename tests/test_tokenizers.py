@@ -7,6 +7,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 
 import jaxmedusa
@@ -157,3 +158,27 @@ def test_quiet_and_light_start(tmp_path):
                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "PyTorch was not found" not in r.stderr
+
+
+@pytest.mark.torch
+def test_vicuna_layout_sharded_fp16_bin_with_index(tmp_path):
+    """lmsys/vicuna-7b-v1.3 as published: fp16 pytorch_model-0000N-of-0000M.bin shards with
+    pytorch_model.bin.index.json, tokenizer.model and no safetensors."""
+    import torch
+
+    from jaxmedusa.safetensors_io import iter_safetensors
+    from test_hf_parity import jax_full_logits
+
+    path = vicuna_like_dir(str(tmp_path / "vicuna"))
+    reference = jaxmedusa.load(path, dtype="float16", max_len=32)
+    tensors = {k: torch.from_numpy(np.array(v)).half() for k, v in iter_safetensors(os.path.join(path, "model.safetensors"))}
+    os.remove(os.path.join(path, "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in shards.items():
+        torch.save({k: tensors[k] for k in part}, os.path.join(path, name))
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: n for n, part in shards.items() for k in part}}, f)
+    model = jaxmedusa.load(path, dtype="float16", max_len=32)
+    ids = np.asarray([model.tokenizer("hello world")["input_ids"]])
+    np.testing.assert_array_equal(jax_full_logits(model, ids), jax_full_logits(reference, ids))

@@ -17,7 +17,7 @@ import yaml
 MODES = ("medusa1", "medusa2", "pretrain")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "sine")
-TEMPLATES = ("auto", "plain")
+TEMPLATES = ("auto", "plain", "vicuna")
 
 
 class TrainConfigError(ValueError):

@@ -109,16 +109,23 @@ def save_conversations(path: str, conversations: Iterable[Sequence[Message]]) ->
                                ensure_ascii=False) + "\n")
 
 
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+
+
 class ChatRenderer:
     """Renders conversations to text, with the character spans of assistant replies.
 
     template "auto" uses the tokenizer's chat template when it has one, else the plain template:
-    `[system\\n]USER: u\\nASSISTANT: a<eos>\\n...`; a generation prompt ends with `ASSISTANT:`.
+    `[system\\n]USER: u\\nASSISTANT: a<eos>\\n...`; "vicuna" is FastChat's Vicuna v1.1 conversation
+    (`<system> USER: u ASSISTANT: a<eos>USER: ...`, with Vicuna's default system prompt), what Vicuna and the
+    Medusa heads trained on it expect. A generation prompt ends with `ASSISTANT:`.
     """
 
     def __init__(self, tokenizer, template: str = "auto"):
         self.tokenizer = tokenizer
         self.use_chat_template = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.vicuna = template == "vicuna"
         self.eos = tokenizer.eos_token or ""
         self.bos = tokenizer.bos_token or ""
 
@@ -127,17 +134,27 @@ class ChatRenderer:
                                                   tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _plain_turn(self, m: Message) -> str:
+        if self.vicuna:
+            if m.role == "system":
+                return ""  # the system prompt leads the conversation (_start)
+            return f"USER: {m.content} " if m.role == "user" else f"ASSISTANT: {m.content}{self.eos}"
         if m.role == "system":
             return m.content + "\n"
         if m.role == "user":
             return f"USER: {m.content}\n"
         return f"ASSISTANT: {m.content}{self.eos}\n"
 
+    def _start(self, messages: Sequence[Message]) -> str:
+        if not self.vicuna:
+            return self.bos
+        system = next((m.content for m in messages if m.role == "system"), VICUNA_SYSTEM)
+        return self.bos + system + " "
+
     def prompt(self, messages: Sequence[Message]) -> str:
         """The text that precedes the next assistant reply (a generation prompt)."""
         if self.use_chat_template:
             return self._template(messages, True)
-        return self.bos + "".join(self._plain_turn(m) for m in messages) + "ASSISTANT:"
+        return self._start(messages) + "".join(self._plain_turn(m) for m in messages) + "ASSISTANT:"
 
     def render(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
         """(text, [(start, end) character span of each assistant reply]); a plain document is all one span."""
@@ -146,12 +163,12 @@ class ChatRenderer:
             return text, [(len(self.bos), len(text))]
         spans = []
         if not self.use_chat_template:
-            text = self.bos
+            text = self._start(messages)
             for m in messages:
                 if m.role == "assistant":
                     start = len(text) + len("ASSISTANT:")
                     text += self._plain_turn(m)
-                    spans.append((start, len(text) - 1))  # reply + eos, not the newline
+                    spans.append((start, len(text) - (0 if self.vicuna else 1)))  # reply + eos, not a newline
                 else:
                     text += self._plain_turn(m)
             return text, spans
