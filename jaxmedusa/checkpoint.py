@@ -6,7 +6,6 @@ duplicate or missing key, or a wrong shape, is an error that names it.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re

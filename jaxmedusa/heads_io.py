@@ -11,7 +11,6 @@ the model weights as `medusa_head.{i}...`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,6 +39,14 @@ def random_inputs(rng, b, s, h, kvh, d, dtype, t=None, garbage_from=None):
             k[i, n:] = np.nan
             v[i, n:] = 1e30
     return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """The float32 comparisons here (1e-5) assume true float32 products. On a GPU, XLA's default float32 dot may
+    round its inputs to TF32, in the interpreted kernel and in the reference alike but not identically."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def rel_err(a, b):

@@ -329,6 +329,10 @@ class Trainer:
                    if jax.process_index() == 0 else contextlib.nullcontext())
         with claimed:
             if restart:
+                if jax.process_count() > 1:  # the others wait until process 0 has cleared output_dir
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices("jaxmedusa-restart")
                 self.checkpointer = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
             return self._run(until)
 
