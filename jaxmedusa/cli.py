@@ -29,6 +29,8 @@ def _add_generate(sub) -> None:
                    help="upper limit on KV cache slots per sequence (default: the model's maximum length); "
                         "each request's cache is sized to what its prompts, new tokens and tree need")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split the model across N devices (attention heads, MLP columns, vocabulary, KV cache)")
     p.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids")
     p.add_argument("--heads", default=None, help="Medusa heads-only directory (official format), or a hub id in the "
                                                   "local Hugging Face cache")
@@ -58,6 +60,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N", help="split the model across N devices")
     p.add_argument("--no-medusa", action="store_true")
     p.add_argument("--tree", default=None)
     p.add_argument("--acceptance", choices=["greedy", "typical", "rejection"], default="greedy")
@@ -68,7 +71,8 @@ def cmd_chat(args) -> int:
     import jaxmedusa
     from .chat import chat
 
-    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len, revision=args.revision)
+    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len, revision=args.revision,
+                           mesh=args.tensor_parallel)
     interactive = sys.stdin.isatty()
     if interactive:
         print("jaxmedusa chat: /reset clears the conversation, /stats shows speed, /quit ends", file=sys.stderr)
@@ -93,7 +97,8 @@ def cmd_generate(args) -> int:
     if args.stream and (len(prompts) > 1 or args.json or args.compare or args.ids):
         raise CLIError("--stream prints one text prompt's reply as it is generated; give one prompt, without "
                        "--ids/--json/--compare")
-    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len, revision=args.revision)
+    model = jaxmedusa.load(args.model, heads=args.heads, dtype=args.dtype, max_len=args.max_len, revision=args.revision,
+                           mesh=args.tensor_parallel)
     if not args.ids and model.tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer; pass token ids with --ids")
     if args.chat:

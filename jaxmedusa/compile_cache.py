@@ -11,8 +11,10 @@ _CACHE: dict[Any, Any] = {}
 
 
 def _signature(args) -> tuple:
+    """Shapes, dtypes and shardings: the same shapes on one device and split across a mesh compile apart."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves)
+    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))),
+                           getattr(x, "sharding", None) if isinstance(x, jax.Array) else None) for x in leaves)
 
 
 def call_compiled(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple[Any, float]:

@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from .cache import KVCache
 from .compile_cache import call_compiled
 from .loading import Model
 from .memory import cache_bucket, check_request, clear_oom
 from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step
+from . import sharding
 from .sampling import choose_tokens
 from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, published_trees
 
@@ -86,6 +88,11 @@ def prefill(state, tokens: jax.Array, lens: jax.Array, *, graphdef, max_len: int
     lm = nnx.merge(graphdef, state)
     b, width = tokens.shape
     cache = KVCache.create(lm.config, b, max_len, lm.dtype)
+    mesh = sharding.current_mesh()
+    if mesh is not None:  # the cache is split by KV head, as the attention that reads it
+        spec = NamedSharding(mesh, sharding.cache_spec(lm.config.num_kv_heads, mesh))
+        cache = cache._replace(k=jax.lax.with_sharding_constraint(cache.k, spec),
+                               v=jax.lax.with_sharding_constraint(cache.v, spec))
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
     causal = jnp.tril(jnp.ones((width, width), bool))
     hidden, cache = lm(tokens, positions, cache, causal, prefill=True, attn_impl=attn_impl)
@@ -164,6 +171,12 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)
+    with sharding.active(model.mesh):  # tensor-parallel models trace their attention per device
+        return _generate(model, run, seed, max_new_tokens, temperature, top_p, attn_impl)
+
+
+def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, temperature: float, top_p: float,
+              attn_impl) -> GenerationResult:
     graphdef, state = run.graphdef, run.state
     t0 = time.perf_counter()
     cache, hidden, c1 = _run_prefill(run, attn_impl)
@@ -292,7 +305,11 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)
-    cache, hidden, _ = _run_prefill(run, attn_impl)
+    def on_mesh():  # entered around each traced call, never across a yield
+        return sharding.active(model.mesh)
+
+    with on_mesh():
+        cache, hidden, _ = _run_prefill(run, attn_impl)
     b = len(run.ids)
     done = jnp.zeros((b,), bool)
     key = jax.random.key(seed)
@@ -301,21 +318,24 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
         heads_graphdef, heads_state = model.split_heads()
         static = dict(graphdef=run.graphdef, heads_graphdef=heads_graphdef, tree=run.tree, acceptance=run.acceptance,
                       use_top_p=use_top_p)
-        s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
+        with on_mesh():
+            s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
         n = jnp.zeros((b,), jnp.int32)
         while not bool(jnp.all(done)):
-            s, tokens, take, n, done = medusa_stream_step(run.state, heads_state, s, n, done, run.eos, run.params,
-                                                          max_new_tokens=max_new_tokens, attn_impl=attn_impl,
-                                                          **static)
+            with on_mesh():
+                s, tokens, take, n, done = medusa_stream_step(run.state, heads_state, s, n, done, run.eos,
+                                                              run.params, max_new_tokens=max_new_tokens,
+                                                              attn_impl=attn_impl, **static)
             tokens, take = jax.device_get((tokens, take))
             yield [tokens[i, :take[i]].tolist() for i in range(b)]
     else:
         for _ in range(max_new_tokens):
             was_done = np.asarray(done)
-            cache, hidden, key, tok, done = vanilla_stream_step(
-                run.state, cache, hidden, key, done, run.eos, run.params.temperature, run.params.top_p,
-                graphdef=run.graphdef, greedy=temperature == 0.0,
-                use_top_p=use_top_p, attn_impl=attn_impl)
+            with on_mesh():
+                cache, hidden, key, tok, done = vanilla_stream_step(
+                    run.state, cache, hidden, key, done, run.eos, run.params.temperature, run.params.top_p,
+                    graphdef=run.graphdef, greedy=temperature == 0.0,
+                    use_top_p=use_top_p, attn_impl=attn_impl)
             tok = np.asarray(tok)
             yield [[] if was_done[i] else [int(tok[i])] for i in range(b)]
             if bool(jnp.all(done)):

@@ -18,6 +18,7 @@ from flax import nnx
 from .atomic import atomic_open, read_json_object, write_json
 from .checkpoint import CheckpointError, export_params, is_weight_file, read_params, save_tensors, weight_files
 from .heads_io import configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors
+from . import sharding
 from .models import CausalLM, ConfigError, ModelConfig, abstract_lm, normalize_key, optional_keys, param_table
 from .tree import TreeError, build_tree
 
@@ -36,6 +37,7 @@ class Model:
     path: str | None = None
     heads: Any = None  # MedusaHeads, when the model has them
     tree: list[list[int]] | None = None  # the heads' default tree (medusa_choices); None: mc_sim_7b_63 trimmed
+    mesh: Any = None  # a jax Mesh with a `tensor` axis when the model is tensor-parallel (sharding.py)
 
     def __post_init__(self) -> None:
         if self.max_len <= 0:
@@ -71,15 +73,18 @@ def default_dtype(checkpoint_dtype: str | None):
     return {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(checkpoint_dtype), jnp.float32)
 
 
-def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype) -> CausalLM:
-    """The config's model whose parameters are exactly `params` (path -> array), with no random init."""
+def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype, mesh=None) -> CausalLM:
+    """The config's model whose parameters are exactly `params` (path -> array), with no random init; with a
+    mesh, each parameter goes from host memory straight into its shards (sharding.place)."""
     abstract = abstract_lm(cfg, dtype)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
+    missing = [path for path, _ in flat if path not in params]
+    if missing:
+        raise ConfigError(f"internal: no value for parameter {'.'.join(map(str, missing[0]))}")
+    placed = sharding.place({path: params[path] for path, _ in flat}, mesh) if mesh is not None else None
     for path, var in flat:
-        if path not in params:
-            raise ConfigError(f"internal: no value for parameter {'.'.join(map(str, path))}")
-        var.set_value(jnp.asarray(params[path]))
+        var.set_value(placed[path] if placed is not None else jnp.asarray(params[path]))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -186,7 +191,7 @@ def default_model_paths() -> tuple[str, str]:
 
 
 def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | None = None, dtype=None,
-         max_len: int | None = None, revision: str | None = None) -> Model:
+         max_len: int | None = None, revision: str | None = None, mesh=None) -> Model:
     """Loads a local model directory (config.json + safetensors or .bin weights) of any architecture in
     SUPPORTED_ARCHITECTURES: Llama, Mistral, Qwen2/2.5, Qwen3, GLM (HF and THUDM ChatGLM layouts), OPT.
 
@@ -198,6 +203,8 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
     directory (medusa_head.* tensors inside the model weights) brings its heads without this argument.
     A `medusa_choices` list in the heads' config becomes the model's default tree.
     dtype: parameter/compute dtype; None means float32 on CPU and the checkpoint's dtype elsewhere.
+    mesh: tensor parallelism, a device count or a jax Mesh with a `tensor` axis (sharding.tensor_mesh): each
+    parameter is loaded straight into its shards, and generate() runs split across the devices.
     max_len: the most KV-cache slots a sequence may use (prompt + generated tokens + one tree); None: the
     model's max_position_embeddings (capped by a sliding window). Each request's cache is sized to what it
     needs (rounded up to a bucket), so a large max_len costs nothing until a request uses it.
@@ -228,9 +235,11 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
 
     files = weight_files(model_dir)
     _check_config_fits(cfg, files, model_dir)
+    if isinstance(mesh, int):
+        mesh = sharding.tensor_mesh(mesh)
     params = read_params(files, param_table(cfg), dtype, optional=optional_keys(cfg),
                          claim=claim, rename=lambda key: normalize_key(cfg, key))
-    lm = build_model(cfg, params, dtype)
+    lm = build_model(cfg, params, dtype, mesh)
     check_finite(lm, f"the weights in {model_dir}")
     medusa_heads, tree = None, None
     if heads is not None:
@@ -242,6 +251,8 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
         medusa_heads = heads_from_state_dict(tensors, hidden=cfg.embed_dim, vocab=cfg.vocab_size, dtype=dtype,
                                              num_layers=configured_layers(heads_cfg), source=source)
         check_finite(medusa_heads, f"the {source}")
+        if mesh is not None:
+            medusa_heads = sharding.shard_module(medusa_heads, mesh)
         tree = configured_tree(heads_cfg, source)
         if tree is not None:
             try:
@@ -249,7 +260,7 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
             except TreeError as e:
                 raise ConfigError(f"{source}: medusa_choices is not a valid tree for these heads: {e}") from None
     return Model(lm=lm, max_len=max_len, tokenizer=load_tokenizer(model_dir),
-                 eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads, tree=tree)
+                 eos_token_ids=_eos_ids(model_dir, cfg), path=model_dir, heads=medusa_heads, tree=tree, mesh=mesh)
 
 
 SAVE_MANIFEST = "jaxmedusa_save.json"  # the files a save() wrote, so the next save into the directory may replace them

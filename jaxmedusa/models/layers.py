@@ -9,6 +9,7 @@ from flax import nnx
 from jaxmedusa.kernels import attention, matmul, prefill_attention
 
 from ..cache import KVCache, write_kv, write_prefix
+from ..sharding import by_heads
 
 
 class RMSNorm(nnx.Module):
@@ -47,11 +48,13 @@ def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, pref
             ck, cv = write_prefix(cache.k, layer, k), write_prefix(cache.v, layer, v)
         else:
             ck, cv = write_kv(cache.k, layer, k, cache.lengths), write_kv(cache.v, layer, v, cache.lengths)
-    with jax.named_scope("attention"):
+    with jax.named_scope("attention"):  # per device on its heads when tensor-parallel (sharding.by_heads)
         if prefill:
-            o = prefill_attention(q, k, v, impl=attn_impl)
+            o = by_heads(lambda q, k, v: prefill_attention(q, k, v, impl=attn_impl), q, k, v, stacked_cache=False)
         else:
-            o = attention(q, ck, cv, cache.lengths, tree_mask, impl=attn_impl, layer=layer)
+            o = by_heads(lambda q, ck, cv, lengths, mask: attention(q, ck, cv, lengths, mask, impl=attn_impl,
+                                                                   layer=layer),
+                         q, ck, cv, cache.lengths, tree_mask, stacked_cache=True)
     return o, cache._replace(k=ck, v=cv)
 
 

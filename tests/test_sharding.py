@@ -1,0 +1,103 @@
+"""Tensor-parallel inference on a CPU host mesh (issue #19): parameters and the KV cache split across devices
+give the single-device logits, greedy tokens and greedy Medusa tokens, with the attention kernels run per
+device under shard_map. Runs in a subprocess, since the host device count is fixed when jax starts."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxmedusa
+from jax.sharding import PartitionSpec as P
+
+from jaxmedusa.sharding import TENSOR, param_spec
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_param_specs_follow_the_megatron_layout():
+    n = 4
+    assert param_spec(("layers", 0, "self_attn", "qkv_proj", "kernel"), (64, 128), n) == P(None, TENSOR)
+    assert param_spec(("layers", 0, "self_attn", "qkv_proj", "bias"), (128,), n) == P(TENSOR)
+    assert param_spec(("layers", 0, "self_attn", "o_proj", "kernel"), (64, 64), n) == P(TENSOR, None)
+    assert param_spec(("layers", 0, "self_attn", "o_proj", "bias"), (64,), n) == P()
+    assert param_spec(("layers", 0, "mlp", "down_proj", "kernel"), (96, 64), n) == P(TENSOR, None)
+    assert param_spec(("embed_tokens", "embedding"), (96, 64), n) == P(TENSOR, None)
+    assert param_spec(("lm_head", "kernel"), (64, 96), n) == P(None, TENSOR)
+    assert param_spec(("heads", 1, "proj", "kernel"), (64, 96), n) == P(None, TENSOR)
+    assert param_spec(("layers", 0, "input_layernorm", "weight"), (64,), n) == P()
+    assert param_spec(("embed_tokens", "embedding"), (97, 64), n) == P()  # not divisible: replicated
+
+
+SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, {tests!r})
+import jaxmedusa
+from test_hf_parity import jax_full_logits
+assert len(jax.devices()) == 4
+path, heads, n = {path!r}, {heads!r}, {n}
+one = jaxmedusa.load(path, heads=heads, max_len=160)
+tp = jaxmedusa.load(path, heads=heads, max_len=160, mesh=n)
+k = tp.lm.layers[0].self_attn.qkv_proj.kernel[...]
+assert len(k.sharding.device_set) == n and k.addressable_shards[0].data.shape[1] == k.shape[1] // n
+assert tp.heads.heads[0].proj.kernel[...].addressable_shards[0].data.shape[1] == tp.config.vocab_size // n
+ids = np.random.default_rng(0).integers(3, 96, size=(2, 40))
+from jaxmedusa import sharding
+with sharding.active(tp.mesh):
+    got = jax_full_logits(tp, ids)
+# row-parallel products sum in another order (all-reduce of partial sums): fp32 rounding, the 1e-4 of the
+# project's parity tests
+np.testing.assert_allclose(got, jax_full_logits(one, ids), atol=1e-4, rtol=0)
+prompts = [[5, 6, 7], list(range(3, 40))]
+want = jaxmedusa.generate(one, prompts, max_new_tokens=12, medusa=False, eos_token_id=[]).tokens
+for impl in (None, "interpret"):
+    assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, medusa=False, eos_token_id=[],
+                              attn_impl=impl).tokens == want, impl
+    assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, eos_token_id=[], attn_impl=impl).tokens == want, impl
+chunks = list(jaxmedusa.stream(tp, prompts, max_new_tokens=12, eos_token_id=[]))
+assert [sum((c[i] for c in chunks), []) for i in range(2)] == want
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("n, kv_heads", [(2, 2), (4, 4), (4, 2)])  # (4, 2): KV heads not divisible, GSPMD alone
+def test_tensor_parallel_equals_one_device(jax_model_dir, tmp_path, n, kv_heads):
+    from conftest import random_heads
+
+    path = jax_model_dir(seed=30, vocab_size=96, num_key_value_heads=kv_heads)
+    model = jaxmedusa.load(path, max_len=32)
+    heads = str(tmp_path / "heads")
+    jaxmedusa.save_heads(random_heads(model.lm, num_heads=4, seed=30), heads)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=TESTS, path=path, heads=heads, n=n)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+
+
+def test_tensor_parallel_needs_the_devices():
+    import jax
+
+    with pytest.raises(ValueError, match=f"needs {len(jax.devices()) + 1} devices"):
+        jaxmedusa.sharding.tensor_mesh(len(jax.devices()) + 1)
+    assert np.asarray(jaxmedusa.sharding.tensor_mesh(1).devices).size == 1
+
+
+def test_cli_tensor_parallel_flag(jax_model_dir):
+    path = jax_model_dir(seed=31, vocab_size=96)
+    script = ("import sys, json\nfrom jaxmedusa.cli import main\n"
+              f"sys.exit(main(['generate', '--model', {path!r}, '--ids', '--json', '--max-new-tokens', '5', "
+              "'--max-len', '32', '--tensor-parallel', '2', '3,4,5']))")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    one = jaxmedusa.generate(jaxmedusa.load(path, max_len=32), [[3, 4, 5]], max_new_tokens=5)
+    assert json.loads(out.stdout)["tokens"] == one.tokens
+    from jaxmedusa.cli import main
+
+    assert main(["generate", "--model", path, "--ids", "--tensor-parallel", "99", "3,4"]) == 2
