@@ -101,3 +101,35 @@ def test_cli_tensor_parallel_flag(jax_model_dir):
     from jaxmedusa.cli import main
 
     assert main(["generate", "--model", path, "--ids", "--tensor-parallel", "99", "3,4"]) == 2
+
+
+def test_training_with_a_tensor_axis_equals_one_device(tmp_path):
+    """medusa2 (base and heads trained) on a data=1 x fsdp=2 x tensor=2 host mesh does the single-device
+    arithmetic up to fp32 summation order, with the base's projections split over `tensor`."""
+    script = f"""
+import sys, dataclasses
+import jax
+sys.path.insert(0, {TESTS!r})
+assert len(jax.devices()) == 4
+import jaxmedusa
+from conftest import random_lm, save_word_tokenizer
+from test_train import make_cfg, assert_same_training, write_chat_data
+from jaxmedusa.train import Trainer
+from jaxmedusa.train.config import MeshConfig
+d = {str(tmp_path)!r}
+jaxmedusa.save(random_lm(0, vocab_size=96), d + "/model")
+save_word_tokenizer(d + "/model", vocab_size=96)
+write_chat_data(d + "/data.jsonl")
+one = Trainer(make_cfg(d, d + "/one", steps=3, mode="medusa2"), devices=jax.devices()[:1]).run()
+cfg = dataclasses.replace(make_cfg(d, d + "/tp", steps=3, mode="medusa2"), mesh=MeshConfig(data=1, fsdp=2, tensor=2))
+t = Trainer(cfg)
+spec = t.state_sharding["params"]["lm"]["layers"][0]["self_attn"]["qkv_proj"]["kernel"].value.spec
+assert "tensor" in str(spec) and "fsdp" in str(spec), spec
+tp = t.run()
+assert_same_training(one, tp)
+print("OK")
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout

@@ -95,7 +95,7 @@ def test_config_yaml_overrides_and_relative_paths(tmp_path):
     (dict(model="m", data=[]), "data"),
     (dict(model="m", data=["d"], batch_size=6, grad_accum=4), "grad_accum"),
     (dict(model="m", data=["d"], heads_warmup_steps=2), "heads_warmup_steps"),
-    (dict(model="m", data=["d"], mesh={"tensor": 2}), "mesh.tensor"),
+    (dict(model="m", data=["d"], mesh={"tensor": 0}), "mesh.tensor"),
     (dict(model_init={"vocab_size": 9}, data=["d"], mode="medusa1"), "model_init"),
 ])
 def test_config_errors_name_the_key(raw, match):

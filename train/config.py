@@ -123,8 +123,8 @@ class TrainConfig:
             fail("distill_kl", "only medusa2 trains the base (medusa1 keeps it frozen)")
         if self.model_init is not None and self.distill_kl:
             fail("distill_kl", "a randomly initialised base has no original distribution to distil")
-        if self.mesh.tensor != 1:
-            fail("mesh.tensor", "tensor parallelism is not implemented yet; use data and fsdp axes")
+        if not isinstance(self.mesh.tensor, int) or self.mesh.tensor < 1:
+            fail("mesh.tensor", f"must be a positive integer, got {self.mesh.tensor!r}")
         sizes = (self.mesh.data, self.mesh.fsdp)
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             fail("mesh", f"axis sizes must be positive, with at most one -1; got data={self.mesh.data}, "

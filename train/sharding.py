@@ -1,8 +1,9 @@
 """Device mesh, sharding rules and multi-host start-up for training.
 
-Mesh axes ("data", "fsdp"): the batch is split over both; every parameter (and the optimiser state of
-the same shape) is split over "fsdp" along its largest dimension that divides evenly, and replicated
-where none does. The same code runs on one CPU device, a forced multi-device CPU
+Mesh axes ("data", "fsdp", "tensor"): the batch is split over data and fsdp; with tensor > 1 every
+parameter (and the optimiser state of the same shape) is first split over "tensor" by the inference
+layout (jaxmedusa.sharding: heads, MLP columns, vocabulary), then over "fsdp" along its largest other
+dimension that divides evenly, and replicated where none does. The same code runs on one CPU device, a forced multi-device CPU
 (XLA_FLAGS=--xla_force_host_platform_device_count=N) and GPU clusters.
 """
 
@@ -42,9 +43,12 @@ def maybe_initialize_distributed() -> bool:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default: all), -1 filling the remaining devices."""
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all), -1 filling the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    tensor = cfg.tensor
+    if len(devices) % tensor:
+        raise TrainConfigError(f"mesh.tensor={tensor} does not divide the {len(devices)} devices")
+    n = len(devices) // tensor
     data, fsdp = cfg.data, cfg.fsdp
     if data == -1:
         if n % fsdp:
@@ -55,24 +59,50 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
             raise TrainConfigError(f"mesh.data={data} does not divide the {n} devices")
         fsdp = n // data
     if data * fsdp != n:
-        raise TrainConfigError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, {n} are present")
-    return Mesh(np.array(devices).reshape(data, fsdp), BATCH_AXES)
+        raise TrainConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {data * fsdp * tensor} "
+                               f"devices, {len(devices)} are present")
+    return Mesh(np.array(devices).reshape(data, fsdp, tensor), BATCH_AXES + ("tensor",))
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Shard the largest evenly divisible dimension over "fsdp"; replicate otherwise (and for scalars)."""
-    if fsdp == 1 or not shape:
-        return P()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-        if shape[dim] % fsdp == 0:
-            return P(*(("fsdp" if d == dim else None) for d in range(len(shape))))
-    return P()
+def param_spec(shape: tuple[int, ...], fsdp: int, tensor_dim: int | None = None) -> P:
+    """`tensor_dim` (if any) over "tensor", then the largest other evenly divisible dimension over "fsdp";
+    replicated otherwise (and for scalars)."""
+    spec: list = [None] * len(shape)
+    if tensor_dim is not None:
+        spec[tensor_dim] = "tensor"
+    if fsdp > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if dim != tensor_dim and shape[dim] % fsdp == 0:
+                spec[dim] = "fsdp"
+                break
+    return P(*spec)
+
+
+def _names(path) -> tuple:
+    """A jax key path as the names nnx state paths use (dict keys and attributes as str, indices as int)."""
+    out = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    while out and out[-1] in ("value", "raw_value"):  # an nnx Variable's own leaf
+        out.pop()
+    return tuple(out)
 
 
 def tree_shardings(mesh: Mesh, tree):
-    """NamedShardings for every leaf of a pytree of arrays (or ShapeDtypeStructs), by the fsdp rule."""
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)), tree)
+    """NamedShardings for every leaf of a pytree of arrays (or ShapeDtypeStructs): the tensor rule by the
+    leaf's path (optimiser states mirror the parameters' paths), then the fsdp rule."""
+    from jaxmedusa.sharding import TENSOR, param_spec as tensor_spec
+
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape.get("tensor", 1)
+
+    def one(path, x):
+        shape = tuple(x.shape)
+        dim = None
+        if tensor > 1 and shape:
+            names = _names(path)
+            spec = tensor_spec(names, shape, tensor) if any(isinstance(n, str) for n in names) else P()
+            dim = next((i for i, s in enumerate(spec) if s == TENSOR), None)
+        return NamedSharding(mesh, param_spec(shape, fsdp, dim))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
