@@ -114,3 +114,15 @@ def save_word_tokenizer(path: str, vocab_size: int = 97) -> None:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(path)
+
+
+def run_on_host_mesh(script: str, devices: int, timeout: int = 600) -> str:
+    """Runs a Python script in a fresh process that sees `devices` CPU devices (jax fixes the count at start)
+    and returns its stdout; a failure shows the script's stderr."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout

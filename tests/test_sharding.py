@@ -2,9 +2,8 @@
 give the single-device logits, greedy tokens and greedy Medusa tokens, with the attention kernels run per
 device under shard_map. Runs in a subprocess, since the host device count is fixed when jax starts."""
 
+import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ import jaxmedusa
 from jax.sharding import PartitionSpec as P
 
 from jaxmedusa.sharding import TENSOR, param_spec
+
+from conftest import run_on_host_mesh
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,11 +72,7 @@ def test_tensor_parallel_equals_one_device(jax_model_dir, tmp_path, n, kv_heads)
     model = jaxmedusa.load(path, max_len=32)
     heads = str(tmp_path / "heads")
     jaxmedusa.save_heads(random_heads(model.lm, num_heads=4, seed=30), heads)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=TESTS, path=path, heads=heads, n=n)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK" in out.stdout
+    assert "OK" in run_on_host_mesh(SCRIPT.format(tests=TESTS, path=path, heads=heads, n=n), devices=4)
 
 
 def test_tensor_parallel_needs_the_devices():
@@ -91,13 +88,9 @@ def test_cli_tensor_parallel_flag(jax_model_dir):
     script = ("import sys, json\nfrom jaxmedusa.cli import main\n"
               f"sys.exit(main(['generate', '--model', {path!r}, '--ids', '--json', '--max-new-tokens', '5', "
               "'--max-len', '32', '--tensor-parallel', '2', '3,4,5']))")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    import json
-
+    stdout = run_on_host_mesh(script, devices=2)
     one = jaxmedusa.generate(jaxmedusa.load(path, max_len=32), [[3, 4, 5]], max_new_tokens=5)
-    assert json.loads(out.stdout)["tokens"] == one.tokens
+    assert json.loads(stdout)["tokens"] == one.tokens
     from jaxmedusa.cli import main
 
     assert main(["generate", "--model", path, "--ids", "--tensor-parallel", "99", "3,4"]) == 2
@@ -129,7 +122,4 @@ tp = t.run()
 assert_same_training(one, tp)
 print("OK")
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK" in out.stdout
+    assert "OK" in run_on_host_mesh(script, devices=4)

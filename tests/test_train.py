@@ -3,8 +3,6 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ from jaxmedusa.train import losses
 from jaxmedusa.train.data import batch_indices
 from jaxmedusa.train.distill import distill
 
-from conftest import random_heads, random_lm, save_word_tokenizer
+from conftest import random_heads, random_lm, run_on_host_mesh, save_word_tokenizer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -335,10 +333,7 @@ assert one.step == four.step == 3
 assert_same_training(one, four)
 print("OK")
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK" in out.stdout
+    assert "OK" in run_on_host_mesh(script, devices=4)
 
 
 # ---- distillation and CLI ----------------------------------------------------------------------------
