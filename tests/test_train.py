@@ -379,3 +379,32 @@ def test_shipped_tiny_cpu_config_is_valid():
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)) <= cfg.model_init["vocab_size"]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 13])
+def test_chunked_losses_equal_whole_sequence_losses_and_gradients(chunk):
+    """The memory-bounded losses (vocabulary projections over `chunk` positions at a time, rematerialised)
+    give the whole-sequence losses, counts and gradients up to fp32 summation order."""
+    lm = random_lm(seed=40)
+    heads = random_heads(lm, num_heads=3, seed=40)
+    rng = np.random.default_rng(40)
+    tokens = jnp.asarray(rng.integers(3, 97, size=(2, 23)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 23)) < 0.7)
+    hidden = jnp.asarray(rng.normal(size=(2, 23, 64)).astype(np.float32))
+    graphdef, state = nnx.split(heads)
+
+    def total(state, hidden, chunk):
+        h = nnx.merge(graphdef, state)
+        hl = losses.head_losses(h, hidden, lm.logits, tokens, mask, chunk=chunk)
+        ll = losses.projected_cross_entropy(lm.logits, hidden, tokens, mask, 1, chunk=chunk)
+        return jnp.sum(hl.loss) + ll.loss, (hl, ll)
+
+    (whole, (hw, lw)), gw = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(state, hidden, 0)
+    (part, (hp, lp)), gp = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(state, hidden, chunk)
+    np.testing.assert_allclose(part, whole, rtol=1e-6)
+    for a, b in ((hp, hw), (lp, lw)):
+        np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
+        np.testing.assert_array_equal(a.correct, b.correct)
+        np.testing.assert_array_equal(a.count, b.count)
+    for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(gw)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -67,6 +67,7 @@ class TrainConfig:
     heads_warmup_steps: int = 0  # medusa2: heads only for this many steps, then joint
     distill_kl: bool = False  # medusa2: KL to the frozen original model instead of L_LM
     compute_dtype: str = "float32"  # trained weights are kept in float32 either way
+    loss_chunk: int = 512  # positions per chunk of the vocabulary projections in the losses (0: all at once)
     mesh: MeshConfig = MeshConfig()
     output_dir: str = "runs/medusa"
     checkpoint_every: int = 100
@@ -94,6 +95,8 @@ class TrainConfig:
                     "keep_checkpoints", "log_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 fail(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            fail("loss_chunk", f"must be a non-negative integer, got {self.loss_chunk!r}")
         if not isinstance(self.head_layers, int) or self.head_layers < 0:
             fail("head_layers", f"must be a non-negative integer, got {self.head_layers!r}")
         if self.batch_size % self.grad_accum:

@@ -41,16 +41,43 @@ def shifted_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
     return TokenLoss(loss, correct, count)
 
 
+def projected_cross_entropy(project, hidden: jax.Array, tokens: jax.Array, mask: jax.Array, shift: int,
+                            denom: jax.Array | None = None, chunk: int = 0) -> TokenLoss:
+    """shifted_cross_entropy(project(hidden), ...) without the whole [B, T, V] logits: with chunk > 0 the
+    positions go through project in chunks of `chunk` under a rematerialised scan, so one chunk's
+    [B, chunk, V] float32 logits are live, forward and backward (the sums are the same up to fp32 order)."""
+    b, t, _ = hidden.shape
+    n = t - shift  # positions that predict a token inside the sequence
+    if chunk <= 0 or chunk >= n:
+        return shifted_cross_entropy(project(hidden), tokens, mask, shift, denom)
+    pad = -n % chunk
+    parts = (hidden[:, :n], tokens[:, shift:], mask[:, shift:].astype(jnp.float32))
+    hs, tg, w = (jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) for x in parts)
+    hs, tg, w = (x.reshape((b, (n + pad) // chunk, chunk) + x.shape[2:]).swapaxes(0, 1) for x in (hs, tg, w))
+
+    @jax.checkpoint
+    def body(carry, xs):
+        hc, tc, wc = xs
+        logits = project(hc).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tc)
+        correct = jnp.sum((jnp.argmax(logits, -1) == tc) * wc)
+        return (carry[0] + jnp.sum(ce * wc), carry[1] + correct), None
+
+    (ce_sum, correct), _ = jax.lax.scan(body, (jnp.float32(0.0), jnp.float32(0.0)), (hs, tg, w))
+    count = parts[2].sum()
+    return TokenLoss(ce_sum / jnp.maximum(count if denom is None else denom, 1.0), correct, count)
+
+
 def head_losses(heads, hidden: jax.Array, lm_logits, tokens: jax.Array, mask: jax.Array,
-                denoms: jax.Array | None = None) -> TokenLoss:
+                denoms: jax.Array | None = None, chunk: int = 0) -> TokenLoss:
     """Each head's TokenLoss (fields [K]); head k's logits are recomputed in the backward pass (remat), so
-    the [B, T, V] logits of one head at a time are live, not K of them."""
+    the [B, T, V] logits of one head at a time are live, not K of them; with chunk > 0 only [B, chunk, V]."""
     out = []
     for k, head in enumerate(heads.heads):
         @jax.checkpoint
         def one(h, head=head, k=k):
-            return shifted_cross_entropy(head(h, lm_logits), tokens, mask, k + 2,
-                                         None if denoms is None else denoms[k])
+            return projected_cross_entropy(lambda x: head(x, lm_logits), h, tokens, mask, k + 2,
+                                           None if denoms is None else denoms[k], chunk)
         out.append(one(hidden))
     return TokenLoss(*(jnp.stack(x) for x in zip(*out)))
 

@@ -149,7 +149,11 @@ def make_loss_fn(cfg: TrainConfig, models: Models):
         metrics = {}
         total = jnp.float32(0.0)
         if cfg.trains_base:
-            lm_l = losses.lm_loss(lm.logits(hidden), tokens, mask, denoms.get("lm"))
+            if cfg.distill_kl:  # the KL needs the whole logits anyway
+                lm_l = losses.lm_loss(lm.logits(hidden), tokens, mask, denoms.get("lm"))
+            else:
+                lm_l = losses.projected_cross_entropy(lm.logits, hidden, tokens, mask, 1, denoms.get("lm"),
+                                                      cfg.loss_chunk)
             metrics.update(lm_loss=lm_l.loss, lm_correct=lm_l.correct, lm_count=lm_l.count)
             if cfg.distill_kl:
                 teacher = nnx.merge(models.lm_graphdef, frozen["teacher"])
@@ -162,7 +166,7 @@ def make_loss_fn(cfg: TrainConfig, models: Models):
                 total = total + lm_l.loss
         if cfg.trains_heads:
             heads = nnx.merge(models.heads_graphdef, _cast(params["heads"], cd))
-            hl = losses.head_losses(heads, hidden, lm.logits, tokens, mask, denoms.get("heads"))
+            hl = losses.head_losses(heads, hidden, lm.logits, tokens, mask, denoms.get("heads"), cfg.loss_chunk)
             weights = losses.head_weights(cfg.heads, coefficient, cfg.head_decay)
             total = total + jnp.sum(weights * hl.loss)
             metrics.update(head_loss=hl.loss, head_correct=hl.correct, head_count=hl.count)
