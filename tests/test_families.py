@@ -169,20 +169,23 @@ def test_family_fields_are_read():
         ("glm", 8, True, True, False)
     chatglm = ModelConfig.from_hf_dict({"architectures": ["ChatGLMModel"], "num_layers": 2, "padded_vocab_size": 97,
                                         "hidden_size": 64, "ffn_hidden_size": 96, "kv_channels": 16,
-                                        "num_attention_heads": 4, "multi_query_group_num": 2, "rope_ratio": 50,
+                                        "num_attention_heads": 4, "multi_query_attention": True,
+                                        "multi_query_group_num": 2, "rope_ratio": 50,
                                         "add_qkv_bias": True, "seq_length": 512})
     assert (chatglm.rope.theta, chatglm.max_position_embeddings, chatglm.num_kv_heads, chatglm.qkv_bias,
             chatglm.o_bias, chatglm.norm_scale_in_float32) == (500000.0, 512, 2, True, False, True)
 
 
 CHATGLM = {"architectures": ["ChatGLMModel"], "num_layers": 2, "padded_vocab_size": 97, "hidden_size": 64,
-           "ffn_hidden_size": 96, "kv_channels": 16, "num_attention_heads": 4, "multi_query_group_num": 2}
+           "ffn_hidden_size": 96, "kv_channels": 16, "num_attention_heads": 4, "multi_query_attention": True,
+           "multi_query_group_num": 2}
 
 
 @pytest.mark.parametrize("config, message", [
     (dict(CHATGLM, rmsnorm=False), "rmsnorm=False"),
     (dict(CHATGLM, apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm"),
     (dict(CHATGLM, multi_query_attention=False), "multi_query_attention=False"),
+    ({k: v for k, v in CHATGLM.items() if k != "multi_query_attention"}, "multi_query_attention=None"),
     (dict(CHATGLM, quantization_bit=4), "quantization_bit=4"),
     ({k: v for k, v in CHATGLM.items() if k != "ffn_hidden_size"}, "'ffn_hidden_size'"),
     ({k: v for k, v in CHATGLM.items() if k != "multi_query_group_num"}, "'multi_query_group_num'"),

@@ -38,8 +38,7 @@ CHATGLM_KEYS = DecoderKeys(
     lm_head="transformer.output_layer.weight")
 
 # THUDM config fields whose other values the released code implements differently: (field, required value)
-_CHATGLM_FIXED = (("rmsnorm", True), ("apply_residual_connection_post_layernorm", False), ("post_layer_norm", True),
-                  ("multi_query_attention", True))
+_CHATGLM_FIXED = (("rmsnorm", True), ("apply_residual_connection_post_layernorm", False), ("post_layer_norm", True))
 
 
 def _glm_from_hf(arch: str, d: Mapping[str, Any]) -> DecoderConfig:
@@ -59,6 +58,9 @@ def _chatglm_from_hf(arch: str, d: Mapping[str, Any]) -> DecoderConfig:
         d = {**d, "padded_vocab_size": d["vocab_size"]}
     layers, vocab, hidden, heads, ffn = required(d, "num_layers", "padded_vocab_size", "hidden_size",
                                                  "num_attention_heads", "ffn_hidden_size")
+    if not d.get("multi_query_attention", False):  # THUDM's default: per-head interleaved q/k/v rows
+        raise ConfigError(f"ChatGLM config field multi_query_attention={d.get('multi_query_attention')!r} is not "
+                          f"supported (only true, as every released checkpoint sets it)")
     if "multi_query_group_num" not in d:
         raise ConfigError("ChatGLM config lacks the required field 'multi_query_group_num'")
     silu_act(d, "hidden_act")  # absent in THUDM configs (SwiGLU is hard-coded there)
