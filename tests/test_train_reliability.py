@@ -82,6 +82,8 @@ def test_export_never_overwrites_the_runs_own_input_model(run_dir, tmp_path):  #
 def test_metrics_have_no_duplicate_rows_after_a_resume(run_dir, tmp_path):  # noqa: F811
     cfg = make_cfg(run_dir, str(tmp_path / "m"), steps=5)
     Trainer(cfg).run(until=3)  # logs steps 1-3; the checkpoint of step 2 survives the "kill"
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # killed in the middle of appending a row
     Trainer(cfg).run()
     rows = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

@@ -307,8 +307,15 @@ class Trainer:
             return
         with open(path) as f:
             rows = [line for line in f if line.strip()]
-        keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
-        if len(keep) != len(rows):
+        keep = []
+        for line in rows:  # a row torn by a kill mid-append is dropped with the rows after the checkpoint
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if keep != rows:
             with atomic_open(path, "w") as f:
                 f.writelines(keep)
 
