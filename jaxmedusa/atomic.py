@@ -28,11 +28,11 @@ def _fsync_dir(path: str) -> None:
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO[Any]]:
     """open() for writing whose result appears at `path` only when the block ends without an exception."""
     path = os.fspath(path)
-    if not any(c in mode for c in "wx"):
-        raise ValueError(f"atomic_open writes a new file; mode {mode!r} is not a write mode")
+    if "w" not in mode:
+        raise ValueError(f"atomic_open writes a whole new file; mode {mode!r} is not 'w' or 'wb'")
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    f = open(tmp, mode.replace("x", "w"), **kwargs)
+    f = open(tmp, mode, **kwargs)
     try:
         yield f
         f.flush()

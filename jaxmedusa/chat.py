@@ -22,14 +22,15 @@ def renderer_for(tokenizer):
     return ChatRenderer(tokenizer, "auto" if getattr(tokenizer, "chat_template", None) else "vicuna")
 
 
-def stream_text(model: Model, ids: list[int], out: TextIO, **kw) -> tuple[str, dict]:
-    """Streams one sequence's reply to `out` as text (decoding the whole reply each step, so characters split
-    across tokens print whole). Returns (text, stats: new_tokens, seconds, tokens_per_second, steps)."""
+def stream_text(model: Model, prompt: str | list[int], out: TextIO, **kw) -> tuple[str, dict]:
+    """Streams one prompt's reply (text or token ids, as generate() takes) to `out` as text, decoding the whole
+    reply each step so characters split across tokens print whole. Returns (text, stats: new_tokens, seconds,
+    tokens_per_second, steps, tokens_per_step)."""
     tok = model.tokenizer
     tokens: list[int] = []
     shown, steps = "", 0
     t0 = time.perf_counter()
-    for chunk in stream(model, [ids], **kw):
+    for chunk in stream(model, [prompt], **kw):
         if not chunk[0]:
             continue
         tokens += chunk[0]
@@ -86,9 +87,8 @@ def chat(model: Model, *, lines: Iterable[str] | None = None, out: TextIO = sys.
             continue
         if not command:
             continue
-        ids = model.tokenizer(renderer.prompt(messages + [Message("user", line)]), add_special_tokens=False)["input_ids"]
         try:
-            text, last = stream_text(model, ids, out, **kw)
+            text, last = stream_text(model, renderer.prompt_ids(messages + [Message("user", line)]), out, **kw)
         except ValueError as e:  # the conversation no longer fits the model's max_len
             print(f"[{e}; /reset to start over]", file=err)
             continue

@@ -106,8 +106,7 @@ def cmd_generate(args) -> int:
         from .train.data import Message
 
         renderer = renderer_for(model.tokenizer)
-        prompts = [model.tokenizer(renderer.prompt([Message("user", p)]), add_special_tokens=False)["input_ids"]
-                   for p in prompts]
+        prompts = [renderer.prompt_ids([Message("user", p)]) for p in prompts]
     use_medusa = model.heads is not None and not args.no_medusa
     if args.compare and not use_medusa:
         raise CLIError("--compare needs Medusa heads (--heads DIR or a Medusa-2 model directory)")
@@ -116,10 +115,9 @@ def cmd_generate(args) -> int:
     if args.stream:
         from .chat import status_line, stream_text
 
-        ids = prompts[0] if not isinstance(prompts[0], str) else model.tokenizer(prompts[0])["input_ids"]
         if not args.chat:
             print(args.prompts[0], end="", flush=True)
-        _, stats = stream_text(model, ids, sys.stdout, **mkw)
+        _, stats = stream_text(model, prompts[0], sys.stdout, **mkw)
         print(flush=True)
         print(status_line(stats, use_medusa), file=sys.stderr)
         return 0

@@ -156,6 +156,10 @@ class ChatRenderer:
             return self._template(messages, True)
         return self._start(messages) + "".join(self._plain_turn(m) for m in messages) + "ASSISTANT:"
 
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The generation prompt's token ids (the rendered text carries its own special tokens)."""
+        return list(self.tokenizer(self.prompt(messages), add_special_tokens=False)["input_ids"])
+
     def render(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
         """(text, [(start, end) character span of each assistant reply]); a plain document is all one span."""
         if len(messages) == 1 and messages[0].role == "text":

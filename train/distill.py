@@ -76,7 +76,7 @@ def distill(model: Model, conversations: Sequence[Sequence[Message]], *, max_new
         for start in range(0, len(ready), batch_size):
             chunk, ids = [], []
             for i in ready[start:start + batch_size]:
-                prompt = model.tokenizer(renderer.prompt(out[i]), add_special_tokens=False)["input_ids"]
+                prompt = renderer.prompt_ids(out[i])
                 if len(prompt) + max_new_tokens > model.max_len:
                     _stop(i, len(prompt))
                 else:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..cache import KVCache
-from .config import ConfigError, ModelConfig, RopeConfig
+from .config import ConfigError, ModelConfig, RopeConfig, eos_tuple, hf_eos, hf_rope, required, silu_act
 from .layers import RMSNorm, cached_attention, linear, lm_head_logits
 from .params import ParamEntry, fused_linear_entries, linear_entries
 from .rope import apply_rope, inv_freq, rope_cos_sin
@@ -49,6 +50,32 @@ class DecoderConfig(ModelConfig):
         if rd <= 0 or rd % 2:
             raise ConfigError(f"rotary dims int(head_dim {self.head_dim} * partial_rotary_factor "
                               f"{self.rope.partial_rotary_factor}) = {rd} must be a positive even number")
+
+
+def decoder_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields Llama-style config.json files spell alike (Llama, Mistral, Qwen2/3, GLM)."""
+    hidden, heads, layers, vocab, inter = required(d, "hidden_size", "num_attention_heads", "num_hidden_layers",
+                                                   "vocab_size", "intermediate_size")
+    silu_act(d)
+    max_pos = int(d.get("max_position_embeddings", 2048))
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(d.get("head_dim") or hidden // heads),
+        max_position_embeddings=max_pos, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=eos_tuple(d.get("eos_token_id")), pad_token_id=d.get("pad_token_id"))
+
+
+def decoder_hf_fields(c: DecoderConfig, model_type: str) -> dict[str, Any]:
+    """The inverse of decoder_fields (plus the RoPE fields) for a transformers-layout config.json."""
+    return {
+        "architectures": [c.architecture], "model_type": model_type, "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
+        "eos_token_id": hf_eos(c.eos_token_ids), "pad_token_id": c.pad_token_id, **hf_rope(c.rope),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

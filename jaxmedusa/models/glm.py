@@ -24,8 +24,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .config import ConfigError, Family, RopeConfig, eos_tuple, hf_eos, read_rope, required, silu_act
-from .decoder import DecoderConfig, DecoderKeys, DecoderLM, decoder_param_table
-from .llama import decoder_fields, decoder_hf_fields
+from .decoder import DecoderConfig, DecoderKeys, DecoderLM, decoder_fields, decoder_hf_fields, decoder_param_table
 
 CHATGLM_ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
 ARCHITECTURES = {"GlmForCausalLM": "glm", **{a: "chatglm" for a in CHATGLM_ARCHITECTURES}}

@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .config import Family, read_rope
-from .decoder import DecoderConfig, DecoderLM, decoder_param_table
-from .llama import decoder_fields, decoder_hf_fields
+from .decoder import DecoderConfig, DecoderLM, decoder_fields, decoder_hf_fields, decoder_param_table
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
