@@ -3,11 +3,11 @@ kernels (or cuDNN) with their pure-JAX references, and the dispatchers the model
 
 from .attention_pallas import decode_attention, kernel_supports, tree_attention
 from .dispatch import (IMPLS, attention, cudnn_supports, matmul, prefill_attention, resolve_gemm_impl, resolve_impl,
-                       resolve_prefill_impl)
+                       resolve_prefill_impl, training_attention)
 from .gemm_pallas import flat_gemm, flat_gemm_reference
 from .reference import causal_attention_blockwise, decode_attention_reference, tree_attention_reference
 
 __all__ = ["IMPLS", "attention", "decode_attention", "tree_attention", "kernel_supports", "resolve_impl",
            "decode_attention_reference", "tree_attention_reference",
            "prefill_attention", "resolve_prefill_impl", "cudnn_supports", "causal_attention_blockwise",
-           "matmul", "resolve_gemm_impl", "flat_gemm", "flat_gemm_reference"]
+           "training_attention", "matmul", "resolve_gemm_impl", "flat_gemm", "flat_gemm_reference"]

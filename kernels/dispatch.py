@@ -103,6 +103,15 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: flo
     return reference.causal_attention_blockwise(q, k, v, sm_scale=sm_scale)
 
 
+def training_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal self-attention of a training batch q [B, T, H, D] over its own k/v [B, T, KVH, D], with a
+    backward pass: cuDNN's flash attention where it applies (never [T, T] scores, forward or backward),
+    else XLA's. JAXMEDUSA_PREFILL=blockwise keeps XLA on the GPU too (for comparisons)."""
+    if os.environ.get(PREFILL_ENV_VAR) != "blockwise" and cudnn_supports(q.dtype, q.shape[-1]):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
 GEMM_IMPLS = ("auto", "xla", "pallas", "interpret")
 GEMM_ENV_VAR = "JAXMEDUSA_GEMM"
 # Rows (M = batch x new tokens) for which "auto" picks the flat GEMM; None: never. Measured in the model's

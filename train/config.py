@@ -34,6 +34,16 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA on the base's projections (medusa2 / pretrain): the base stays frozen in the compute dtype and
+    only the adapters (float32) train; the exported model has them merged in."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ()  # transformers' projection names (q_proj, ..., down_proj); empty: all
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # model: an HF model directory, or `model_init` (an HF config.json dict) to start from random weights
     model: str | None = None
@@ -52,6 +62,7 @@ class TrainConfig:
     batch_size: int = 8  # global, per optimizer step
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
     steps: int = 1000
+    epochs: float = 0.0  # > 0: steps = ceil(epochs x examples / batch_size) once the data is read (not with steps)
     seed: int = 0
     # optimisation: AdamW, linear warm-up then cosine decay, global-norm clipping
     learning_rate: float = 1e-3  # heads in medusa1; the base in medusa2 / pretrain
@@ -67,6 +78,8 @@ class TrainConfig:
     heads_warmup_steps: int = 0  # medusa2: heads only for this many steps, then joint
     distill_kl: bool = False  # medusa2: KL to the frozen original model instead of L_LM
     compute_dtype: str = "float32"  # trained weights are kept in float32 either way
+    gradient_checkpointing: bool = False  # recompute the base's layers in the backward pass (medusa2 / pretrain)
+    lora: LoRAConfig | None = None  # medusa2 / pretrain: train LoRA adapters instead of the whole base
     loss_chunk: int = 512  # positions per chunk of the vocabulary projections in the losses (0: all at once)
     mesh: MeshConfig = MeshConfig()
     output_dir: str = "runs/medusa"
@@ -126,6 +139,17 @@ class TrainConfig:
             fail("distill_kl", "only medusa2 trains the base (medusa1 keeps it frozen)")
         if self.model_init is not None and self.distill_kl:
             fail("distill_kl", "a randomly initialised base has no original distribution to distil")
+        if self.epochs < 0:
+            fail("epochs", f"must be >= 0, got {self.epochs!r}")
+        if self.lora is not None:
+            if self.mode == "medusa1":
+                fail("lora", "medusa1 keeps the base frozen; LoRA adapts the base in medusa2 or pretrain")
+            if self.model_init is not None:
+                fail("lora", "LoRA adapts a trained base; a randomly initialised one (model_init) trains whole")
+            if not isinstance(self.lora.rank, int) or self.lora.rank < 1:
+                fail("lora.rank", f"must be a positive integer, got {self.lora.rank!r}")
+            if not self.lora.alpha > 0:
+                fail("lora.alpha", f"must be > 0, got {self.lora.alpha!r}")
         if not isinstance(self.mesh.tensor, int) or self.mesh.tensor < 1:
             fail("mesh.tensor", f"must be a positive integer, got {self.mesh.tensor!r}")
         sizes = (self.mesh.data, self.mesh.fsdp)
@@ -145,11 +169,14 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["data"], d["eval_data"] = list(self.data), list(self.eval_data)
         d["model_init"] = dict(self.model_init) if self.model_init is not None else None
+        if self.lora is not None:
+            d["lora"]["targets"] = list(self.lora.targets)
         return d
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _MESH_FIELDS = {f.name for f in dataclasses.fields(MeshConfig)}
+_LORA_FIELDS = {f.name for f in dataclasses.fields(LoRAConfig)}
 _INPUT_PATHS = ("model", "tokenizer")
 _INPUT_LISTS = ("data", "eval_data")
 
@@ -189,6 +216,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
         raise TrainConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_FIELDS))}")
+    if raw.get("epochs") and "steps" in raw:
+        raise TrainConfigError("epochs: give steps or epochs, not both")
     kw: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "mesh":
@@ -198,6 +227,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
             if bad:
                 raise TrainConfigError(f"unknown key 'mesh.{bad[0]}'; known: {', '.join(sorted(_MESH_FIELDS))}")
             kw["mesh"] = MeshConfig(**{k: _coerce(f"mesh.{k}", v, int) for k, v in value.items()})
+        elif key == "lora":
+            kw["lora"] = None if value is None else _lora_config(value)
         elif key in _INPUT_LISTS:
             items = [value] if isinstance(value, str) else list(value or [])
             if not all(isinstance(x, str) for x in items):
@@ -213,6 +244,26 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
             expected = _TYPES.get(key)
             kw[key] = _coerce(key, value, expected) if expected is not None else value
     return TrainConfig(**kw)
+
+
+def _lora_config(value: Any) -> LoRAConfig:
+    if not isinstance(value, Mapping):
+        raise TrainConfigError("lora: expected a mapping like {rank: 16, alpha: 32, targets: [q_proj, v_proj]}")
+    bad = sorted(set(value) - _LORA_FIELDS)
+    if bad:
+        raise TrainConfigError(f"unknown key 'lora.{bad[0]}'; known: {', '.join(sorted(_LORA_FIELDS))}")
+    kw: dict[str, Any] = {}
+    if "rank" in value:
+        kw["rank"] = _coerce("lora.rank", value["rank"], int)
+    if "alpha" in value:
+        kw["alpha"] = _coerce("lora.alpha", value["alpha"], float)
+    if "targets" in value:
+        targets = value["targets"]
+        targets = [targets] if isinstance(targets, str) else list(targets or [])
+        if not all(isinstance(t, str) for t in targets):
+            raise TrainConfigError("lora.targets: expected a list of projection names like [q_proj, v_proj]")
+        kw["targets"] = tuple(targets)
+    return LoRAConfig(**kw)
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -252,8 +303,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
         if raw.get(key) is not None:
             raw[key] = _resolve_any(key, raw[key], base_dir)
     for key, value in parse_overrides(overrides).items():
-        if key == "mesh" and isinstance(value, dict):
-            raw["mesh"] = {**(raw.get("mesh") or {}), **value}
+        if key in ("mesh", "lora") and isinstance(value, dict):
+            raw[key] = {**(raw.get(key) or {}), **value}
         else:
             raw[key] = value
     return config_from_dict(raw)

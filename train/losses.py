@@ -71,14 +71,15 @@ def projected_cross_entropy(project, hidden: jax.Array, tokens: jax.Array, mask:
 def head_losses(heads, hidden: jax.Array, lm_logits, tokens: jax.Array, mask: jax.Array,
                 denoms: jax.Array | None = None, chunk: int = 0) -> TokenLoss:
     """Each head's TokenLoss (fields [K]); head k's logits are recomputed in the backward pass (remat), so
-    the [B, T, V] logits of one head at a time are live, not K of them; with chunk > 0 only [B, chunk, V]."""
+    the [B, T, V] logits of one head at a time are live, not K of them; with chunk > 0 only [B, chunk, V]
+    (the chunks' own remat bounds the memory then: no second, whole-head remat that would run every
+    projection once more)."""
     out = []
     for k, head in enumerate(heads.heads):
-        @jax.checkpoint
         def one(h, head=head, k=k):
             return projected_cross_entropy(lambda x: head(x, lm_logits), h, tokens, mask, k + 2,
                                            None if denoms is None else denoms[k], chunk)
-        out.append(one(hidden))
+        out.append((one if chunk > 0 else jax.checkpoint(one))(hidden))
     return TokenLoss(*(jnp.stack(x) for x in zip(*out)))
 
 

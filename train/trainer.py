@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.heads_io import save_heads
 from jaxmedusa.loading import Model, load, load_tokenizer, save
 from jaxmedusa.models import CausalLM, ModelConfig, abstract_lm, create_lm
+from jaxmedusa.models.lora import add_lora, merged_state
 
 from . import losses, run_dir
 from .checkpointing import Checkpointer
@@ -66,9 +68,11 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw(sched(cfg.learning_rate)))
     base = adamw(sched(cfg.learning_rate, offset=cfg.heads_warmup_steps))
     heads = adamw(sched(cfg.learning_rate * cfg.heads_lr_multiplier))
-    labels = lambda p: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in p.items()}  # noqa: E731
+    # the heads at their own lr; the base (or its LoRA adapters) at learning_rate
+    labels = lambda p: {k: jax.tree_util.tree_map(lambda _: "heads" if k == "heads" else "base", v)  # noqa: E731
+                        for k, v in p.items()}
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.multi_transform({"lm": base, "heads": heads}, labels))
+                       optax.multi_transform({"base": base, "heads": heads}, labels))
 
 
 @dataclasses.dataclass
@@ -76,11 +80,13 @@ class Models:
     """The graphdefs (built at the compute dtype) and the initial states of what the run uses."""
 
     config: ModelConfig
-    lm_graphdef: Any
+    lm_graphdef: Any  # with LoRA adapters when cfg.lora
     heads_graphdef: Any | None
-    params: dict  # trained: {"lm": State?, "heads": State?} in float32
-    frozen: dict  # not trained: {"lm": State} (medusa1) and/or {"teacher": State} (distill_kl), compute dtype
+    params: dict  # trained: {"lm": State?, "lora": State?, "heads": State?} in float32
+    frozen: dict  # not trained, compute dtype: {"lm": State} (medusa1, or the base under LoRA) and/or
+    #               {"teacher": State} (distill_kl without LoRA; with LoRA the frozen base is the teacher)
     tokenizer: Any
+    base_graphdef: Any = None  # the model without adapters (the teacher of distill_kl)
 
 
 def heads_graphdef(cfg: TrainConfig, mcfg: ModelConfig, dtype):
@@ -92,8 +98,10 @@ def heads_graphdef(cfg: TrainConfig, mcfg: ModelConfig, dtype):
 
 def build_models(cfg: TrainConfig) -> Models:
     """Loads (or initialises) the base, creates fresh heads, and splits trained from frozen state."""
-    if cfg.model is not None:
-        base = load(cfg.model, dtype=jnp.float32, max_len=cfg.seq_len)
+    cd = jnp.dtype(cfg.compute_dtype)
+    if cfg.model is not None:  # a frozen base is only ever used at the compute dtype: load it so
+        frozen_base = not cfg.trains_base or cfg.lora is not None
+        base = load(cfg.model, dtype=cd if frozen_base else jnp.float32, max_len=cfg.seq_len)
         lm, mcfg = base.lm, base.config
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else base.tokenizer
     else:
@@ -108,8 +116,17 @@ def build_models(cfg: TrainConfig) -> Models:
     if len(tokenizer) > mcfg.vocab_size:
         raise TrainConfigError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
                                f"{mcfg.vocab_size}")
+    return models_for(cfg, lm, tokenizer)
+
+
+def models_for(cfg: TrainConfig, lm: CausalLM, tokenizer=None) -> Models:
+    """The run's Models around a base already in memory (loaded by build_models, or random at real shapes in
+    bench/train.py): fresh heads and adapters, the trained state split from the frozen one."""
+    mcfg = lm.config
     cd = jnp.dtype(cfg.compute_dtype)
-    lm_graphdef = nnx.split(abstract_lm(mcfg, cd))[0]
+    base_graphdef = lm_graphdef = nnx.split(abstract_lm(mcfg, cd))[0]
+    if cfg.lora is not None:
+        lm_graphdef = nnx.split(lora_lm(cfg, mcfg, cd))[0]
     _, lm_state = nnx.split(lm)
     params, frozen = {}, {}
     heads_gd = None
@@ -118,14 +135,29 @@ def build_models(cfg: TrainConfig) -> Models:
                                       rngs=nnx.Rngs(cfg.seed + 1))
         heads_gd = heads_graphdef(cfg, mcfg, cd)
         params["heads"] = nnx.split(heads)[1]
-    if cfg.trains_base:
+    if cfg.lora is not None:  # the adapters train; the base stays frozen (and is distill_kl's teacher)
+        params["lora"] = nnx.split(lora_lm(cfg, mcfg, jnp.float32), nnx.LoRAParam, ...)[1]
+        frozen["lm"] = _cast(lm_state, cd)
+    elif cfg.trains_base:
         params["lm"] = lm_state
         if cfg.distill_kl:  # a copy: the trained params are donated to the step, the teacher must not alias them
             frozen["teacher"] = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=cd, copy=True), lm_state)
     else:
         frozen["lm"] = _cast(lm_state, cd)
+    del lm
     params = _cast(params, jnp.float32)
-    return Models(mcfg, lm_graphdef, heads_gd, params, frozen, tokenizer)
+    return Models(mcfg, lm_graphdef, heads_gd, params, frozen, tokenizer, base_graphdef)
+
+
+def lora_lm(cfg: TrainConfig, mcfg: ModelConfig, dtype):
+    """A model of the config's shapes at `dtype` with the run's fresh LoRA adapters (seeded by cfg.seed); only
+    its adapters are real arrays (the base weights come from the checkpoint)."""
+    lm = abstract_lm(mcfg, dtype)
+    try:
+        add_lora(lm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, rngs=nnx.Rngs(cfg.seed + 2))
+    except ValueError as e:
+        raise TrainConfigError(f"lora.targets: {e}") from None
+    return lm
 
 
 def make_loss_fn(cfg: TrainConfig, models: Models):
@@ -140,12 +172,14 @@ def make_loss_fn(cfg: TrainConfig, models: Models):
         denoms = denoms or {}
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if cfg.trains_base:
-            lm_state = params["lm"] if joint else jax.lax.stop_gradient(params["lm"])
+        trained = params.get("lora", params.get("lm"))
+        if trained is not None and not joint:
+            trained = jax.lax.stop_gradient(trained)
+        if cfg.lora is not None:
+            lm = nnx.merge(models.lm_graphdef, frozen["lm"], _cast(trained, cd))
         else:
-            lm_state = frozen["lm"]
-        lm = nnx.merge(models.lm_graphdef, _cast(lm_state, cd))
-        hidden, _ = lm(tokens, positions, None, None)
+            lm = nnx.merge(models.lm_graphdef, _cast(trained if cfg.trains_base else frozen["lm"], cd))
+        hidden, _ = lm(tokens, positions, None, None, remat=cfg.gradient_checkpointing and cfg.trains_base)
         metrics = {}
         total = jnp.float32(0.0)
         if cfg.trains_base:
@@ -156,7 +190,7 @@ def make_loss_fn(cfg: TrainConfig, models: Models):
                                                       cfg.loss_chunk)
             metrics.update(lm_loss=lm_l.loss, lm_correct=lm_l.correct, lm_count=lm_l.count)
             if cfg.distill_kl:
-                teacher = nnx.merge(models.lm_graphdef, frozen["teacher"])
+                teacher = nnx.merge(models.base_graphdef, frozen["teacher"] if "teacher" in frozen else frozen["lm"])
                 th, _ = teacher(tokens, positions, None, None)
                 kl = losses.distill_kl(lm.logits(hidden), jax.lax.stop_gradient(teacher.logits(th)), mask,
                                        denoms.get("lm"))
@@ -249,7 +283,10 @@ class Trainer:
     """One training run: builds everything from the config, resumes from the latest checkpoint in
     output_dir, trains, checkpoints, logs, and exports at the end."""
 
-    def __init__(self, cfg: TrainConfig, devices=None, *, restart: bool = False):
+    def __init__(self, cfg: TrainConfig, devices=None, *, restart: bool = False, models: Models | None = None,
+                 data: TokenizedData | None = None):
+        """models / data: prebuilt (models_for) and tokenized instead of read from cfg.model and cfg.data
+        (bench/train.py trains a random model at real shapes on synthetic tokens this way)."""
         self.cfg = cfg
         self.restart = restart
         export_model = os.path.realpath(os.path.join(cfg.output_dir, "model"))
@@ -258,9 +295,12 @@ class Trainer:
                                    f"copy or use another output_dir")
         self.mesh = make_mesh(cfg.mesh, devices)
         check_batch(self.mesh, cfg.batch_size, cfg.grad_accum)
-        self.models = build_models(cfg)
-        self.data = load_data(cfg, self.models.tokenizer, cfg.data)
+        self.models = build_models(cfg) if models is None else models
+        self.data = load_data(cfg, self.models.tokenizer, cfg.data) if data is None else data
         self.eval_data = load_data(cfg, self.models.tokenizer, cfg.eval_data) if cfg.eval_data else None
+        if cfg.epochs:
+            steps = max(1, math.ceil(cfg.epochs * len(self.data) / cfg.batch_size))
+            self.cfg = cfg = dataclasses.replace(cfg, steps=steps)
         self.tx = make_optimizer(cfg)
         state = dict(params=self.models.params, opt_state=self.tx.init(self.models.params), step=jnp.int32(0),
                      rng=jax.random.key_data(jax.random.key(cfg.seed)))
@@ -440,6 +480,8 @@ class Trainer:
         if "lm" in params:
             gd = nnx.split(abstract_lm(mcfg, jnp.float32))[0]
             lm = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["lm"]))
+        if "lora" in params:
+            lm = merge_lora(cfg, params["lora"])
         if "heads" in params:
             heads = nnx.merge(heads_graphdef(cfg, mcfg, jnp.float32),
                               jax.tree_util.tree_map(jnp.asarray, params["heads"]))
@@ -461,6 +503,16 @@ class Trainer:
             save_heads(heads, heads_dir, base_model=model_dir or self.cfg.model)
         write_json(os.path.join(out, "train_config.json"), self.cfg.to_dict())
         return heads_dir, model_dir
+
+
+def merge_lora(cfg: TrainConfig, lora_params) -> CausalLM:
+    """The float32 model with trained adapters merged in: the original checkpoint's weights (reloaded on the
+    host, not the compute-dtype copy that trained) plus scale * A @ B, computed in float32."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        lm = load(cfg.model, dtype=jnp.float32, max_len=cfg.seq_len).lm
+        add_lora(lm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, rngs=nnx.Rngs(0))
+        nnx.update(lm, jax.tree_util.tree_map(jnp.asarray, lora_params))
+        return nnx.merge(nnx.split(abstract_lm(lm.config, jnp.float32))[0], merged_state(lm))
 
 
 def _postfix(row: dict) -> dict[str, str]:

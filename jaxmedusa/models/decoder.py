@@ -23,7 +23,7 @@ from flax import nnx
 
 from ..cache import KVCache
 from .config import ConfigError, ModelConfig, RopeConfig, eos_tuple, hf_eos, hf_rope, required, silu_act
-from .layers import RMSNorm, cached_attention, linear, lm_head_logits
+from .layers import RMSNorm, cached_attention, checkpointed, linear, lm_head_logits
 from .params import ParamEntry, fused_linear_entries, linear_entries
 from .rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -173,15 +173,22 @@ class DecoderLM(nnx.Module):
                                                                      dtype, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, tree_mask: jax.Array | None,
-                 *, prefill: bool = False, attn_impl: str | None = None) -> tuple[jax.Array, KVCache | None]:
+                 *, prefill: bool = False, attn_impl: str | None = None,
+                 remat: bool = False) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions [B, T]; tree_mask [T, T] bool. Returns (final-norm hidden [B, T, H], cache).
 
-        cache=None: causal self-attention over the T tokens alone (tree_mask unused), for training.
+        cache=None: causal self-attention over the T tokens alone (tree_mask unused), for training;
+        remat=True then keeps only each layer's input for the backward pass (gradient checkpointing).
         """
         cfg = self.config
         x = self.embed_tokens(tokens)
         inv = inv_freq(cfg.rope, cfg.rope.rotary_dim(cfg.head_dim), cfg.max_position_embeddings, positions)
         cos, sin = rope_cos_sin(inv, positions, cfg.rope.interleaved)
+        if remat and cache is None:
+            for layer in self.layers:
+                x = checkpointed(layer, lambda m, x, cos, sin: m(x, cos, sin, None, 0, None, False, attn_impl)[0],
+                                 x, cos, sin)
+            return self.norm(x), None
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, cos, sin, cache, i, tree_mask, prefill, attn_impl)
         return self.norm(x), cache

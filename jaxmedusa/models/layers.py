@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmedusa.kernels import attention, matmul, prefill_attention
+from jaxmedusa.kernels import attention, matmul, prefill_attention, training_attention
 
 from ..cache import KVCache, write_kv, write_prefix
 from ..sharding import by_heads
@@ -42,7 +42,7 @@ def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, pref
     """
     if cache is None:
         with jax.named_scope("attention"):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True), None
+            return training_attention(q, k, v), None
     with jax.named_scope("kv_write"):
         if prefill:
             ck, cv = write_prefix(cache.k, layer, k), write_prefix(cache.v, layer, v)
@@ -58,6 +58,13 @@ def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, pref
     return o, cache._replace(k=ck, v=cv)
 
 
+def checkpointed(layer: nnx.Module, call, x: jax.Array, *arrays: jax.Array) -> jax.Array:
+    """call(layer, x, *arrays) with its activations recomputed in the backward pass (gradient
+    checkpointing): jax.checkpoint over the layer's split state, so no NNX object crosses the boundary."""
+    graphdef, state = nnx.split(layer)
+    return jax.checkpoint(lambda state, *xs: call(nnx.merge(graphdef, state), *xs))(state, x, *arrays)
+
+
 def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden: jax.Array) -> jax.Array:
     """float32 logits from the untied lm_head, or from the token embeddings when they are tied."""
     with jax.named_scope("lm_head"):
@@ -69,10 +76,15 @@ class Linear(nnx.Linear):
     """nnx.Linear (same parameters, same checkpoint names) whose product goes through the GEMM dispatcher,
     so the few-row products of a verify step can take the Pallas flat GEMM."""
 
+    lora = None  # a LoRA adapter (models/lora.py add_lora) set on an instance adds its low-rank update
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x.astype(self.dtype), self.kernel[...])
+        x = x.astype(self.dtype)
+        y = matmul(x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         return y
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from ..cache import KVCache
 from .config import ConfigError, Family, ModelConfig, eos_tuple, hf_eos, required
-from .layers import cached_attention, linear, lm_head_logits
+from .layers import cached_attention, checkpointed, linear, lm_head_logits
 from .params import ParamEntry, linear_entries
 
 POSITION_OFFSET = 2  # HF OPT reserves the first two rows of embed_positions
@@ -146,14 +146,19 @@ class OPTForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.embed_dim, cfg.vocab_size, False, dtype, rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, tree_mask: jax.Array | None,
-                 *, prefill: bool = False, attn_impl: str | None = None) -> tuple[jax.Array, KVCache | None]:
+                 *, prefill: bool = False, attn_impl: str | None = None,
+                 remat: bool = False) -> tuple[jax.Array, KVCache | None]:
         """As DecoderLM.__call__; returns the LM head's input [B, T, embed_dim]."""
         x = self.embed_tokens(tokens)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET)
-        for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cache, i, tree_mask, prefill, attn_impl)
+        if remat and cache is None:
+            for layer in self.layers:
+                x = checkpointed(layer, lambda m, x: m(x, None, 0, None, False, attn_impl)[0], x)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, cache = layer(x, cache, i, tree_mask, prefill, attn_impl)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

@@ -1,0 +1,107 @@
+"""LoRA adapters on a model's projections (Medusa-2 on a frozen base), and their exact merge.
+
+An adapter adds `scale * (x @ A) @ B` to a Linear's product (scale = alpha / rank, A [in, rank] random,
+B [rank, out] zero, so a fresh adapter changes nothing). Targets are named as transformers names the
+projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; OPT: q_proj, k_proj, v_proj,
+out_proj, fc1, fc2): where this project fuses q/k/v or gate/up into one product, each named part gets an
+adapter of its own over its columns, as it would on the unfused model. The adapters are `nnx.LoRAParam`s,
+so `nnx.split(lm, nnx.LoRAParam, ...)` separates them from the frozen base.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import Linear
+
+
+class LoRA(nnx.Module):
+    """The low-rank update of one Linear [in, out]: one rank-r adapter per column range in `parts`."""
+
+    def __init__(self, in_dim: int, out_dim: int, parts: Sequence[tuple[int, int]], rank: int, alpha: float, *,
+                 rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_dim)  # PEFT's default A init (kaiming-uniform, a = sqrt(5))
+        self.a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (in_dim, len(parts) * rank), jnp.float32,
+                                                  -bound, bound))
+        self.b = nnx.List([nnx.LoRAParam(jnp.zeros((rank, end - start), jnp.float32)) for start, end in parts])
+        self.parts = tuple((int(s), int(e)) for s, e in parts)
+        self.out_dim, self.rank, self.scale = out_dim, rank, alpha / rank
+
+    def b_full(self, dtype) -> jax.Array:
+        """[len(parts) * rank, out]: part j's B at rows j*rank.. and its columns, zero elsewhere."""
+        r = self.rank
+        full = jnp.zeros((len(self.parts) * r, self.out_dim), dtype)
+        for j, ((start, end), b) in enumerate(zip(self.parts, self.b)):
+            full = full.at[j * r:(j + 1) * r, start:end].set(b[...].astype(dtype))
+        return full
+
+    def delta(self) -> jax.Array:
+        """The kernel update [in, out] in float32."""
+        return self.scale * (self.a[...].astype(jnp.float32) @ self.b_full(jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.scale * ((x @ self.a[...].astype(x.dtype)) @ self.b_full(x.dtype))
+
+
+def _parts(name: str, lin: Linear, cfg) -> tuple[tuple[str, int, int], ...]:
+    """The (target name, first column, end column) parts of the projection called `name`."""
+    out = lin.kernel.shape[1]
+    if name == "qkv_proj":
+        qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return ("q_proj", 0, qd), ("k_proj", qd, qd + kvd), ("v_proj", qd + kvd, qd + 2 * kvd)
+    if name == "gate_up_proj":
+        return ("gate_proj", 0, out // 2), ("up_proj", out // 2, out)
+    return ((name, 0, out),)
+
+
+def _projections(lm) -> list[tuple[tuple, Linear, tuple[tuple[str, int, int], ...]]]:
+    """(path, Linear, parts) of every projection inside the decoder layers."""
+    return [(path, m, _parts(str(path[-1]), m, lm.config)) for path, m in nnx.iter_modules(lm)
+            if isinstance(m, Linear) and "layers" in path]
+
+
+_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+
+
+def lora_target_names(lm) -> list[str]:
+    """The names `add_lora` accepts for this model (transformers' projection names), attention first."""
+    names = {p[0] for _, _, parts in _projections(lm) for p in parts}
+    return sorted(names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+
+
+def add_lora(lm, rank: int, alpha: float, targets: Sequence[str] = (), *, rngs: nnx.Rngs) -> int:
+    """Adds adapters (in place) to every layer's projections named in `targets` (empty: all of them).
+    Returns the number of adapter parameters. Unknown names are a ValueError naming the known ones."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    known = lora_target_names(lm)
+    wanted = set(targets or known)
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a projection of this model; known: {', '.join(known)}")
+    count = 0
+    for _, lin, parts in _projections(lm):
+        cols = [(s, e) for name, s, e in parts if name in wanted]
+        if cols:
+            lin.lora = LoRA(lin.kernel.shape[0], lin.kernel.shape[1], cols, rank, alpha, rngs=rngs)
+            count += lin.kernel.shape[0] * len(cols) * rank + rank * sum(e - s for s, e in cols)
+    return count
+
+
+def merged_state(lm) -> nnx.State:
+    """The model's state without adapters, each adapted kernel replaced by W + scale * A @ B computed in
+    float32 (cast to the kernel's dtype): the state of the model with the same parameters and no LoRA."""
+    _, _, base = nnx.split(lm, nnx.LoRAParam, ...)
+    deltas = {path + ("kernel",): lin.lora.delta() for path, lin, _ in _projections(lm) if lin.lora is not None}
+    flat = []
+    for path, var in nnx.to_flat_state(base):
+        if path in deltas:
+            w = var.get_value()
+            var = var.replace(value=(w.astype(jnp.float32) + deltas[path]).astype(w.dtype))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
