@@ -151,13 +151,13 @@ def run_torch_subprocess(args) -> dict:
     return json.loads(lines[-1])
 
 
-def train_config(args, mode: str, batch: int):
+def train_config(args, mode: str, batch: int, remat: bool):
     from jaxmedusa.train import config_from_dict
 
     raw = dict(model="(random weights)", data=["(synthetic tokens)"], mode="medusa2" if mode != "medusa1" else mode,
                heads=args.heads, head_layers=args.head_layers, seq_len=args.seq_len, batch_size=batch, steps=1000,
                compute_dtype=args.dtype, loss_chunk=args.loss_chunk, output_dir="/tmp/jaxmedusa-bench-train",
-               progress=False, gradient_checkpointing=mode != "medusa1", learning_rate=1e-4)
+               progress=False, gradient_checkpointing=remat, learning_rate=1e-4)
     if mode == "medusa2-lora":
         raw["lora"] = dict(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     return config_from_dict(raw)
@@ -171,9 +171,7 @@ def run_jax(args) -> dict:
 
     from e2e import MODELS
     from jaxmedusa.models import ModelConfig, create_lm
-    from jaxmedusa.train import Trainer
     from jaxmedusa.train.data import TokenizedData
-    from jaxmedusa.train.trainer import models_for
 
     mcfg = ModelConfig.from_hf_dict(MODELS[args.model])
     dtype = jnp.dtype(args.dtype)
@@ -219,57 +217,70 @@ def run_jax(args) -> dict:
             rows.append(dict(mode="base forward", batch=b, error=str(e).splitlines()[0][:300]))
         print(_fmt(rows[-1], args.peak_tflops), flush=True)
 
-    for mode in args.modes:
-        for b in args.batch:
-            cfg = train_config(args, mode, b)
-            row = dict(mode=mode, batch=b, seq_len=args.seq_len, heads=args.heads)
-            trainer = None
-            try:
-                if mode == "medusa2":  # the whole base trains: float32 master weights
-                    lm = nnx.merge(graphdef, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), state))
-                else:
-                    lm = nnx.merge(graphdef, state)
-                trainer = Trainer(cfg, models=models_for(cfg, lm), data=data)
-                del lm
-                step = trainer._step_fn(True)
-                tokens, mask = trainer.batch(0)
-                t0 = time.perf_counter()
-                compiled = step.lower(trainer.state, trainer.frozen, tokens, mask).compile()
-                row["compile_s"] = time.perf_counter() - t0
-                mem = compiled.memory_analysis()
-                if mem is not None:
-                    row["temp_gib"] = mem.temp_size_in_bytes / 2**30
-
-                def one():
-                    trainer.state, metrics = compiled(trainer.state, trainer.frozen, tokens, mask)
-                    return metrics["loss"]
-
-                best = best_of(one)
-                loss = float(one())
-                flops = flops_per_token(mcfg, mode, args.heads, args.head_layers, args.seq_len)
-                row.update(step_ms=best * 1e3, tokens_per_s=b * args.seq_len / best,
-                           tflops=flops * b * args.seq_len / best / 1e12, peak_gib=peak_gib(), loss=loss,
-                           finite=bool(np.isfinite(loss)))
-                if b in fwd_ms:
-                    row["vs_base_forward"] = row["step_ms"] / fwd_ms[b]
-                del compiled
-            except Exception as e:  # noqa: BLE001 (out of memory is a result)
-                row["error"] = str(e).splitlines()[0][:300]
-            del trainer
-            rows.append(row)
-            print(_fmt(row, args.peak_tflops), flush=True)
+    cases = [(mode, b, remat) for mode in args.modes for b in args.batch
+             for remat in ([False] if mode == "medusa1" else [r == "on" for r in args.remat])]
+    for mode, b, remat in cases:
+        row = dict(mode=mode, batch=b, seq_len=args.seq_len, heads=args.heads, remat=remat)
+        try:
+            row.update(time_step(train_config(args, mode, b, remat), mode, graphdef, state, data, best_of))
+            flops = flops_per_token(mcfg, mode, args.heads, args.head_layers, args.seq_len)
+            row.update(tokens_per_s=b * args.seq_len / row["step_ms"] * 1e3,
+                       tflops=flops * b * args.seq_len / row["step_ms"] / 1e9, peak_gib=peak_gib())
+            if b in fwd_ms:
+                row["vs_base_forward"] = row["step_ms"] / fwd_ms[b]
+        except Exception as e:  # noqa: BLE001 (out of memory is a result)
+            row["error"] = str(e).splitlines()[0][:300]
+        rows.append(row)
+        print(_fmt(row, args.peak_tflops), flush=True)
     for row in rows:
         if "tflops" in row:
             row["mfu"] = row["tflops"] / args.peak_tflops
     return dict(rows=rows, params=sum(x.size for x in jax.tree_util.tree_leaves(state)))
 
 
+def time_step(cfg, mode: str, graphdef, state, data, best_of) -> dict:
+    """The trainer's compiled step on a random base (`state`, never donated): best time, compile time,
+    the step's temporary memory, and the loss after the timed steps."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxmedusa.train import Trainer
+    from jaxmedusa.train.trainer import models_for
+
+    # a trained base is float32 master weights, copied: the step donates them
+    cast = (lambda x: jnp.array(x, jnp.float32, copy=True)) if mode == "medusa2" else (lambda x: x)
+    trainer = Trainer(cfg, models=models_for(cfg, nnx.merge(graphdef, jax.tree_util.tree_map(cast, state))),
+                      data=data)
+    tokens, mask = trainer.batch(0)
+    t0 = time.perf_counter()
+    compiled = trainer._step_fn(True).lower(trainer.state, trainer.frozen, tokens, mask).compile()
+    out = dict(compile_s=time.perf_counter() - t0)
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["temp_gib"] = mem.temp_size_in_bytes / 2**30
+
+    def one():
+        trainer.state, metrics = compiled(trainer.state, trainer.frozen, tokens, mask)
+        return metrics["loss"]
+
+    out["step_ms"] = best_of(one) * 1e3
+    out["loss"] = float(one())
+    out["finite"] = bool(np.isfinite(out["loss"]))
+    return out
+
+
+def _name(row: dict) -> str:
+    return f"{row['mode'] + (' remat' if row.get('remat') else ''):>19}"
+
+
 def _fmt(row: dict, peak: float) -> str:
     if "error" in row:
-        return f"{row['mode']:>13} B={row['batch']}: {row['error']}"
+        return f"{_name(row)} B={row['batch']}: {row['error']}"
     extra = f", {row['vs_base_forward']:.2f}x base fwd" if "vs_base_forward" in row else ""
     mem = f", temp {row['temp_gib']:.1f} GiB, peak {row['peak_gib']:.1f} GiB" if "temp_gib" in row else ""
-    return (f"{row['mode']:>13} B={row['batch']}: {row['step_ms']:.1f} ms, {row['tokens_per_s']:.0f} tok/s, "
+    return (f"{_name(row)} B={row['batch']}: {row['step_ms']:.1f} ms, {row['tokens_per_s']:.0f} tok/s, "
             f"{row['tflops']:.0f} TFLOP/s (MFU {row['tflops'] / peak:.0%}){extra}{mem}")
 
 
@@ -282,6 +293,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=5)
     ap.add_argument("--head-layers", type=int, default=1)
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--remat", nargs="+", choices=["on", "off"], default=["on"],
+                    help="gradient checkpointing of the base in the medusa2 modes (one row each)")
     ap.add_argument("--loss-chunk", type=int, default=512)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row (best is reported)")

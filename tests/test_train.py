@@ -381,12 +381,13 @@ def test_shipped_tiny_cpu_config_is_valid():
     assert len(AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)) <= cfg.model_init["vocab_size"]
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 8, 13])
-def test_chunked_losses_equal_whole_sequence_losses_and_gradients(chunk):
-    """The memory-bounded losses (vocabulary projections over `chunk` positions at a time, rematerialised)
-    give the whole-sequence losses, counts and gradients up to fp32 summation order."""
+@pytest.mark.parametrize("chunk,shared", [(1, False), (5, False), (8, True), (13, False), (30, True)])
+def test_chunked_losses_equal_whole_sequence_losses_and_gradients(chunk, shared):
+    """The memory-bounded losses (vocabulary projections over `chunk` positions at a time: the heads' own
+    projections with gradients computed in the forward pass, the shared lm_head and the LM loss
+    rematerialised) give the whole-sequence losses, counts and gradients up to fp32 summation order."""
     lm = random_lm(seed=40)
-    heads = random_heads(lm, num_heads=3, seed=40)
+    heads = random_heads(lm, num_heads=3, seed=40, shared_lm_head=shared)
     rng = np.random.default_rng(40)
     tokens = jnp.asarray(rng.integers(3, 97, size=(2, 23)), jnp.int32)
     mask = jnp.asarray(rng.random((2, 23)) < 0.7)
