@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -309,13 +310,16 @@ def _add_distill(sub) -> None:
     p.add_argument("--too-long", choices=["skip", "truncate"], default="skip",
                    help="a conversation with a turn that does not fit in --max-len: leave it out, or keep its "
                         "replies that fit (either way it is named on stderr)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over, discarding the progress of a stopped run (OUT.partial); by default a run "
+                        "started again with the same settings resumes from it")
     p.set_defaults(func=cmd_distill)
 
 
 def cmd_distill(args) -> int:
     import jaxmedusa
-    from jaxmedusa.train.data import load_conversations, save_conversations
-    from jaxmedusa.train.distill import distill
+    from jaxmedusa.train.data import load_conversations
+    from jaxmedusa.train.distill import DistillProgress, distill
 
     convs, where = [], []
     for path in args.data:
@@ -323,23 +327,31 @@ def cmd_distill(args) -> int:
         convs += loaded
         where += [f"{path}, conversation {n + 1}" for n in range(len(loaded))]
     convs, where = convs[:args.limit], where[:args.limit]
-    model = jaxmedusa.load(args.model, max_len=args.max_len)
-    done: dict[int, list] = {}
+    settings = dict(model=os.path.abspath(args.model), data=[os.path.abspath(p) for p in args.data], limit=args.limit,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, max_len=args.max_len, chat_template=args.chat_template, too_long=args.too_long)
+    progress = DistillProgress(args.out, settings, restart=args.restart)
+    todo = progress.pending(len(convs))
+    if len(todo) < len(convs):
+        print(f"jaxmedusa distill: resuming from {progress.path}: {len(progress.done)} conversations finished, "
+              f"{len(progress.skipped)} left out, {len(todo)} to go", file=sys.stderr)
+    model = jaxmedusa.load(args.model, max_len=args.max_len) if todo else None
 
-    def skipped(i: int, why: str) -> None:
-        print(f"jaxmedusa distill: {where[i]}: {why}", file=sys.stderr)
+    def skipped(j: int, why: str) -> None:
+        print(f"jaxmedusa distill: {where[todo[j]]}: {why}", file=sys.stderr)
+        progress.record_skipped(todo[j], why)
 
     try:
-        out = distill(model, convs, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, template=args.chat_template,
-                      too_long=args.too_long, on_skip=skipped, on_done=done.__setitem__)
+        if todo:
+            distill(model, [convs[i] for i in todo], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, template=args.chat_template,
+                    too_long=args.too_long, on_skip=skipped,
+                    on_done=lambda j, conv: progress.record_done(todo[j], conv))
     except BaseException:
-        if done:  # keep the finished work: a rerun can --limit or split the data past it
-            save_conversations(args.out, [done[i] for i in sorted(done)])
-            print(f"jaxmedusa distill: stopped; wrote the {len(done)} finished conversations to {args.out}",
-                  file=sys.stderr)
+        print(f"jaxmedusa distill: stopped; {len(progress.done)} finished conversations are kept in {progress.path}: "
+              f"run the same command again to resume", file=sys.stderr)
         raise
-    save_conversations(args.out, out)
+    out = progress.finish()
     print(f"wrote {len(out)} conversations to {args.out}")
     return 0
 

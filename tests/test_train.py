@@ -1,6 +1,7 @@
 """Training: config, data masking, per-head label shifts, Medusa-1/2 invariants, sharding, exact resume, export."""
 
 import json
+import math
 import os
 import random
 
@@ -379,6 +380,18 @@ def test_shipped_tiny_cpu_config_is_valid():
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)) <= cfg.model_init["vocab_size"]
+
+
+def test_shipped_vicuna_recipe_is_the_papers_and_runs(run_dir, tmp_path):
+    path = os.path.join(TESTS, "..", "configs", "train", "vicuna-7b-medusa1.yaml")
+    cfg = load_config(path)
+    assert (cfg.mode, cfg.heads, cfg.chat_template, cfg.seq_len, cfg.epochs, cfg.learning_rate) == \
+        ("medusa1", 5, "vicuna", 2048, 2.0, 1e-3)
+    assert cfg.batch_size == 128 and cfg.compute_dtype == "bfloat16" and not cfg.packing
+    small = load_config(path, [f"model={run_dir}/model", f"data={run_dir}/data.jsonl", "seq_len=32", "batch_size=8",
+                               "grad_accum=2", "epochs=0.2", f"output_dir={tmp_path}/v", "progress=false"])
+    result = Trainer(small).run()
+    assert result.step == math.ceil(0.2 * 40 / 8) and os.path.isfile(os.path.join(result.heads_dir, "config.json"))
 
 
 @pytest.mark.parametrize("chunk,shared", [(1, False), (5, False), (8, True), (13, False), (30, True)])

@@ -195,23 +195,52 @@ def test_distill_names_and_skips_or_truncates_what_does_not_fit(run_dir, tmp_pat
     assert [len(c) for c in got] == [2, 2, 2] and got[1][0].content == "w6 w7"
 
 
-def test_distill_keeps_finished_work_when_stopped(run_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_distill_resumes_a_stopped_run_and_refuses_other_settings(run_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A run stopped in its second batch keeps the first batch's conversations in OUT.partial; the same command
+    again generates only the rest and writes what an uninterrupted run writes; other settings are refused by
+    name; --restart starts over."""
     from jaxmedusa.cli import main
-    from jaxmedusa.train import distill as distill_module, load_conversations
+    from jaxmedusa.train import distill as distill_module
 
     data = tmp_path / "chat.jsonl"
-    _chat_file(data, [[("human", f"w{3 + i} w{4 + i}"), ("gpt", "w50")] for i in range(4)])
+    long = " ".join(f"w{3 + i % 20}" for i in range(150))
+    _chat_file(data, [[("human", f"w{3 + i} w{4 + i}"), ("gpt", "w50")] for i in range(4)]
+               + [[("human", long), ("gpt", "w53")], [("human", "w9 w3"), ("gpt", "w51")]])
     real, calls = distill_module.generate, []
 
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
+    def counted(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 2 and interrupt:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(distill_module, "generate", interrupted)
+    monkeypatch.setattr(distill_module, "generate", counted)
+    args = ["distill", "--model", f"{run_dir}/model", "--data", str(data), "--max-new-tokens", "4", "--max-len", "128",
+            "--batch-size", "2"]
+    interrupt = False
+    assert main(args + ["--out", str(tmp_path / "straight.jsonl")]) == 0
+    straight = (tmp_path / "straight.jsonl").read_text()
+    assert not os.path.exists(tmp_path / "straight.jsonl.partial")
+
+    calls.clear()
+    interrupt = True
     out = tmp_path / "out.jsonl"
-    rc = main(["distill", "--model", f"{run_dir}/model", "--data", str(data), "--out", str(out),
-               "--max-new-tokens", "4", "--max-len", "128", "--batch-size", "2"])
-    assert rc == 2 and "wrote the 2 finished conversations" in capsys.readouterr().err
-    assert [c[0].content for c in load_conversations(str(out))] == ["w3 w4", "w4 w5"]
+    assert main(args + ["--out", str(out)]) == 2
+    assert "2 finished conversations are kept in" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "out.jsonl.partial").exists()
+    with open(tmp_path / "out.jsonl.partial", "a") as f:
+        f.write('{"index": 3, "mess')  # a line torn by a kill mid-append counts for nothing
+
+    assert main(args + ["--out", str(out), "--seed", "1"]) == 2
+    assert "started with other settings (seed: 0 -> 1)" in capsys.readouterr().err
+
+    calls.clear()
+    interrupt = False
+    assert main(args + ["--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "2 conversations finished, 0 left out, 4 to go" in err
+    assert sum(calls) == 3  # conversations 3, 4 and 6 (5 does not fit and is named again)
+    assert out.read_text() == straight and not (tmp_path / "out.jsonl.partial").exists()
+
+    calls.clear()
+    assert main(args + ["--out", str(out), "--restart"]) == 0 and sum(calls) == 5

@@ -8,12 +8,15 @@ says, which is what speculative decoding has to predict (the Medusa paper's self
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Sequence
 
+from jaxmedusa.atomic import atomic_open
 from jaxmedusa.generate import generate
 from jaxmedusa.loading import Model
 
-from .data import ChatRenderer, Message
+from .data import ChatRenderer, Message, save_conversations
 
 
 TOO_LONG = ("skip", "truncate")
@@ -92,3 +95,74 @@ def distill(model: Model, conversations: Sequence[Sequence[Message]], *, max_new
                 out[i].append(Message("assistant", text if renderer.use_chat_template else text.lstrip()))
                 if pending[i] == len(prompts_of[i]) and on_done is not None:
                     on_done(i, out[i])
+
+
+class DistillProgress:
+    """A distillation's progress file, `<out>.partial`: a header line with the settings, then one JSON line per
+    conversation as it is finished (or left out), appended and flushed at once. A stopped run started again
+    with the same settings skips what the file holds; other settings are refused (the file names the key).
+    `finish` writes `out` (atomically, in dataset order) and removes the progress file."""
+
+    def __init__(self, out: str, settings: dict, *, restart: bool = False):
+        self.out, self.path, self.settings = out, out + ".partial", settings
+        self.done: dict[int, list[Message]] = {}
+        self.skipped: dict[int, str] = {}
+        if restart and os.path.exists(self.path):
+            os.remove(self.path)
+        if os.path.exists(self.path):
+            self._read()
+
+    def _read(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        try:
+            header = json.loads(lines[0])
+            theirs = header["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{self.path} is not a jaxmedusa distill progress file; move it away or use "
+                             f"--restart") from None
+        for key in sorted(set(theirs) | set(self.settings)):
+            if theirs.get(key) != self.settings.get(key):
+                raise ValueError(f"{self.path}: this distillation was started with other settings ({key}: "
+                                 f"{theirs.get(key)!r} -> {self.settings.get(key)!r}); run it with the same "
+                                 f"settings to resume, or --restart")
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the empty tail, or a line torn by a kill mid-append
+                continue
+            if "skipped" in rec:
+                self.skipped[rec["index"]] = rec["skipped"]
+            else:
+                self.done[rec["index"]] = [Message(m["role"], m["content"]) for m in rec["messages"]]
+
+    def _append(self, rec: dict) -> None:
+        if not os.path.exists(self.path):  # created with the first result: a run that fails to start leaves none
+            os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
+            with atomic_open(self.path, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"jaxmedusa_distill": 1, "settings": self.settings}) + "\n")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def record_done(self, index: int, conversation: Sequence[Message]) -> None:
+        self.done[index] = list(conversation)
+        self._append({"index": index, "messages": [{"role": m.role, "content": m.content} for m in conversation]})
+
+    def record_skipped(self, index: int, reason: str) -> None:
+        if index not in self.done:  # a truncated conversation is finished (kept), not skipped
+            self.skipped[index] = reason
+            self._append({"index": index, "skipped": reason})
+
+    def pending(self, count: int) -> list[int]:
+        """Indices of the conversations in a dataset of `count` that are neither finished nor left out."""
+        return [i for i in range(count) if i not in self.done and i not in self.skipped]
+
+    def finish(self) -> list[list[Message]]:
+        """Writes `out` (the finished conversations in dataset order) and removes the progress file."""
+        result = [self.done[i] for i in sorted(self.done)]
+        save_conversations(self.out, result)
+        if os.path.exists(self.path):
+            os.remove(self.path)
+        return result
