@@ -3,7 +3,8 @@
 State in, state out: `{"params", "opt_state", "step", "rng"}` is one pytree, sharded by the fsdp rule and
 donated to one jitted step (gradient accumulation is a `lax.scan` over micro-batches inside it). What is
 trained is kept in float32 and cast to `compute_dtype` for the forward; a frozen base is kept in the
-compute dtype only and passed as an argument, so Medusa-1 computes no gradient for it at all.
+compute dtype only and passed as an argument, so Medusa-1 computes no gradient for it at all; with LoRA the
+base is frozen the same way and only its adapters (float32) train, merged into the weights at export.
 Checkpoints (Orbax) hold the state and the data position, so a resumed run continues bit for bit.
 """
 
