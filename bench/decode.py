@@ -28,6 +28,32 @@ def device_name() -> str:
     return d.device_kind if d.platform != "cpu" else f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+def write_result(result: dict, name: str, out: str | None = None) -> str:
+    """Writes a benchmark's JSON to `out`, or bench/results/NAME-DATE-DEVICE.json; returns the path."""
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                              f"{name}-{result['date']}-{result['device'].replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    return out
+
+
+def json_subprocess(cmd: list[str], marker: str) -> dict | list:
+    """Runs a benchmark half in its own process (so PyTorch and JAX never share the GPU's memory): echoes its
+    output and returns its last line starting with `marker`, parsed as JSON, or {"error": stderr's tail}."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith(marker)), flush=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(marker)]
+    if not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import random
 import sys
@@ -60,7 +59,7 @@ def main() -> None:
     from flax import nnx
 
     import jaxmedusa
-    from decode import device_name
+    from decode import device_name, write_result
     from e2e import MODELS
     from jaxmedusa.models import ModelConfig, create_lm
     from jaxmedusa.train.data import Message
@@ -86,12 +85,7 @@ def main() -> None:
               f"{generated / seconds:.0f} tok/s, {len(out) / seconds:.2f} replies/s", flush=True)
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
                   model=args.model, args={k: v for k, v in vars(args).items() if k != "out"}, rows=rows)
-    out_path = args.out or os.path.join(HERE, "results", f"distill-{args.model}-{result['date']}-"
-                                                         f"{result['device'].replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out_path}")
+    write_result(result, f"distill-{args.model}", args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -232,13 +231,10 @@ def run_hf_subprocess(args) -> list[dict] | dict:
     """run_hf in its own process, so PyTorch and JAX never hold the GPU's memory at the same time."""
     cmd = [sys.executable, os.path.abspath(__file__), "--hf-only", "--model", args.model, "--batch",
            *map(str, args.batch), "--prompts", *map(str, args.prompts), "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("[")), flush=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-    if not lines:
-        sys.stderr.write(proc.stderr[-3000:])
-        return {"error": proc.stderr[-2000:]}
-    return json.loads(lines[-1])
+    sys.path.insert(0, HERE)
+    from decode import json_subprocess
+
+    return json_subprocess(cmd, "[")
 
 
 def device_name() -> str:

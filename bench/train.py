@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -142,13 +141,9 @@ def run_torch_subprocess(args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-only", "--model", args.model, "--batch",
            *map(str, args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--heads",
            str(args.heads), "--head-layers", str(args.head_layers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("{")), flush=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        sys.stderr.write(proc.stderr[-3000:])
-        return {"error": proc.stderr[-2000:]}
-    return json.loads(lines[-1])
+    from decode import json_subprocess
+
+    return json_subprocess(cmd, "{")
 
 
 def train_config(args, mode: str, batch: int, remat: bool):
@@ -313,17 +308,12 @@ def main() -> None:
     torch_result = None if args.no_torch else run_torch_subprocess(args)  # before JAX holds the GPU
     import jax
 
-    from decode import device_name
+    from decode import device_name, write_result
 
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
                   model=args.model, args={k: v for k, v in vars(args).items() if k != "out"},
                   jax_rows=run_jax(args), pytorch=torch_result)
-    out = args.out or os.path.join(HERE, "results", f"train-{args.model}-{result['date']}-"
-                                                    f"{result['device'].replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    write_result(result, f"train-{args.model}", args.out)
 
 
 if __name__ == "__main__":
