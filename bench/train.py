@@ -17,7 +17,8 @@ Model FLOPs count matmuls once (no remat recompute): base projections 2N per tok
 heads 3 x K x (layers x 2H^2 + 2HV). PyTorch: the base under no_grad in bf16 with SDPA, the official
 ResBlock heads in fp32 under bf16 autocast, the official loss (sum over heads of the shifted cross-entropy),
 fused AdamW, torch.compile of the heads and loss when it works (reported), run first in its own process.
-Writes bench/results/train-DATE-DEVICE.json.
+Before the rows, training attention (cuDNN on the GPU) and its gradients are checked against XLA's in float32.
+Writes bench/results/train-MODEL-DATE-DEVICE.json.
 """
 
 from __future__ import annotations
@@ -158,6 +159,39 @@ def train_config(args, mode: str, batch: int, remat: bool):
     return config_from_dict(raw)
 
 
+def check_training_attention() -> list[dict]:
+    """training_attention (cuDNN on the GPU) against XLA's attention in float32: outputs and the gradients of
+    a random projection of them, for q, k and v, on random inputs (GQA and MHA, odd length)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxmedusa.kernels import training_attention
+
+    out = []
+    rng = np.random.default_rng()
+    for b, t, h, kvh, dtype in [(2, 1000, 32, 32, jnp.bfloat16), (1, 2047, 32, 8, jnp.bfloat16)]:
+        q, k, v, w = (jnp.asarray(rng.standard_normal((b, t, n, 128)), dtype) for n in (h, kvh, kvh, h))
+
+        def loss(fn, q, k, v):
+            return jnp.sum(fn(q, k, v).astype(jnp.float32) * w.astype(jnp.float32))
+
+        def reference(q, k, v):
+            return jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                v.astype(jnp.float32), is_causal=True)
+
+        got = jax.jit(jax.value_and_grad(lambda *a: loss(training_attention, *a), argnums=(0, 1, 2)))(q, k, v)
+        want = jax.jit(jax.value_and_grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2)))(q, k, v)
+        errs = [float(jnp.abs(g.astype(jnp.float32) - r).max() / jnp.abs(r).max())
+                for g, r in zip(got[1], want[1])]
+        row = dict(batch=b, t=t, heads=h, kv_heads=kvh, dtype=jnp.dtype(dtype).name,
+                   loss_rel_err=float(abs(got[0] - want[0]) / abs(want[0])), grad_rel_err=dict(zip("qkv", errs)))
+        out.append(row)
+        print(f"training attention vs XLA f32 B={b} T={t} H={h} KVH={kvh}: loss {row['loss_rel_err']:.1e}, "
+              f"grads q {errs[0]:.1e} k {errs[1]:.1e} v {errs[2]:.1e}", flush=True)
+    return out
+
+
 def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -168,6 +202,7 @@ def run_jax(args) -> dict:
     from jaxmedusa.models import ModelConfig, create_lm
     from jaxmedusa.train.data import TokenizedData
 
+    check = None if args.smoke else check_training_attention()
     mcfg = ModelConfig.from_hf_dict(MODELS[args.model])
     dtype = jnp.dtype(args.dtype)
     base = create_lm(mcfg, dtype=dtype, rngs=nnx.Rngs(0))
@@ -230,7 +265,7 @@ def run_jax(args) -> dict:
     for row in rows:
         if "tflops" in row:
             row["mfu"] = row["tflops"] / args.peak_tflops
-    return dict(rows=rows, params=sum(x.size for x in jax.tree_util.tree_leaves(state)))
+    return dict(rows=rows, params=sum(x.size for x in jax.tree_util.tree_leaves(state)), attention_check=check)
 
 
 def time_step(cfg, mode: str, graphdef, state, data, best_of) -> dict:

@@ -100,7 +100,7 @@ def heads_graphdef(cfg: TrainConfig, mcfg: ModelConfig, dtype):
 def build_models(cfg: TrainConfig) -> Models:
     """Loads (or initialises) the base, creates fresh heads, and splits trained from frozen state."""
     cd = jnp.dtype(cfg.compute_dtype)
-    if cfg.model is not None:  # a frozen base is only ever used at the compute dtype: load it so
+    if cfg.model is not None:  # a frozen base (medusa1, LoRA) is only ever used at the compute dtype
         frozen_base = not cfg.trains_base or cfg.lora is not None
         base = load(cfg.model, dtype=cd if frozen_base else jnp.float32, max_len=cfg.seq_len)
         lm, mcfg = base.lm, base.config
@@ -145,7 +145,6 @@ def models_for(cfg: TrainConfig, lm: CausalLM, tokenizer=None) -> Models:
             frozen["teacher"] = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=cd, copy=True), lm_state)
     else:
         frozen["lm"] = _cast(lm_state, cd)
-    del lm
     params = _cast(params, jnp.float32)
     return Models(mcfg, lm_graphdef, heads_gd, params, frozen, tokenizer, base_graphdef)
 
