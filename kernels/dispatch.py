@@ -105,9 +105,11 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: flo
 
 def training_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal self-attention of a training batch q [B, T, H, D] over its own k/v [B, T, KVH, D], with a
-    backward pass: cuDNN's flash attention where it applies (never [T, T] scores, forward or backward),
-    else XLA's. JAXMEDUSA_PREFILL=blockwise keeps XLA on the GPU too (for comparisons)."""
-    if os.environ.get(PREFILL_ENV_VAR) != "blockwise" and cudnn_supports(q.dtype, q.shape[-1]):
+    backward pass: cuDNN's flash attention where it applies (never [T, T] scores, forward or backward; its
+    backward takes even lengths only: jax raises "Unsupported sequence length" for odd T on an H200), else
+    XLA's. JAXMEDUSA_PREFILL=blockwise keeps XLA on the GPU too (for comparisons)."""
+    if (os.environ.get(PREFILL_ENV_VAR) != "blockwise" and cudnn_supports(q.dtype, q.shape[-1])
+            and q.shape[1] % 2 == 0):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
