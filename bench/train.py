@@ -171,7 +171,7 @@ def check_training_attention() -> list[dict]:
     out = []
     rng = np.random.default_rng()
     for b, t, h, kvh, dtype in [(2, 1000, 32, 32, jnp.bfloat16), (1, 2046, 32, 8, jnp.bfloat16),
-                                (1, 2047, 32, 8, jnp.bfloat16)]:  # odd: XLA's attention (cuDNN refuses it)
+                                (1, 2047, 32, 8, jnp.bfloat16)]:  # odd: padded by one position for cuDNN
         q, k, v, w = (jnp.asarray(rng.standard_normal((b, t, n, 128)), dtype) for n in (h, kvh, kvh, h))
 
         def loss(fn, q, k, v):

@@ -105,13 +105,16 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: flo
 
 def training_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal self-attention of a training batch q [B, T, H, D] over its own k/v [B, T, KVH, D], with a
-    backward pass: cuDNN's flash attention where it applies (never [T, T] scores, forward or backward; its
-    backward takes even lengths only: jax raises "Unsupported sequence length" for odd T on an H200), else
-    XLA's. JAXMEDUSA_PREFILL=blockwise keeps XLA on the GPU too (for comparisons)."""
-    if (os.environ.get(PREFILL_ENV_VAR) != "blockwise" and cudnn_supports(q.dtype, q.shape[-1])
-            and q.shape[1] % 2 == 0):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    backward pass: cuDNN's flash attention where it applies (never [T, T] scores, forward or backward), else
+    XLA's. cuDNN's backward takes even lengths only (jax raises "Unsupported sequence length" for odd T), so an
+    odd T gets one zero position appended and dropped: causal rows never see a later position, so the T real
+    rows are unchanged. JAXMEDUSA_PREFILL=blockwise keeps XLA on the GPU too (for comparisons)."""
+    if os.environ.get(PREFILL_ENV_VAR) == "blockwise" or not cudnn_supports(q.dtype, q.shape[-1]):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    t = q.shape[1]
+    if t % 2:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")[:, :t]
 
 
 GEMM_IMPLS = ("auto", "xla", "pallas", "interpret")
