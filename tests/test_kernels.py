@@ -284,3 +284,34 @@ def test_model_with_flat_gemm_equals_xla_path(monkeypatch):
         h, _ = lm(ids, jnp.broadcast_to(jnp.arange(16), (2, 16)), cache, jnp.tril(jnp.ones((16, 16), bool)))
         outs.append(np.asarray(lm.logits(h)))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("t", [7, 8])
+def test_training_attention_pads_odd_lengths_for_cudnn_without_changing_rows(monkeypatch, t):
+    """The cuDNN branch (taken on a GPU; here cuDNN is stood in for by XLA's attention, which it is checked
+    against on the GPU by bench/train.py) pads an odd length by one position: outputs and gradients of the
+    real rows equal unpadded causal attention's."""
+    from jaxmedusa.kernels import dispatch
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def fake_cudnn(q, k, v, *, is_causal, implementation=None):
+        calls.append((q.shape[1], implementation))
+        return real(q, k, v, is_causal=is_causal)
+
+    monkeypatch.setattr(dispatch, "cudnn_supports", lambda dtype, d: True)
+    monkeypatch.setattr(dispatch.jax.nn, "dot_product_attention", fake_cudnn)
+    rng = np.random.default_rng(t)
+    q, k, v, w = (jnp.asarray(rng.standard_normal((2, t, n, 16)), jnp.float32) for n in (4, 2, 2, 4))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * w)
+
+    got = jax.value_and_grad(lambda *a: loss(dispatch.training_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(lambda *a: loss(lambda q, k, v: real(q, k, v, is_causal=True), *a),
+                              argnums=(0, 1, 2))(q, k, v)
+    assert calls[0] == (t + t % 2, "cudnn")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
