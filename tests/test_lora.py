@@ -69,6 +69,7 @@ def test_targets_are_transformers_names_and_unknown_ones_are_named():
     (dict(mode="medusa2", lora={"rank": 4, "alpha": 0}), "lora.alpha: must be > 0"),
     (dict(mode="medusa2", lora={"ranks": 4}), "unknown key 'lora.ranks'"),
     (dict(mode="medusa2", lora={"targets": [1]}), "lora.targets: expected a list"),
+    (dict(mode="medusa2", lora={"export": "peft"}), "lora.export: 'peft' is not one of merged, adapter, both"),
     (dict(mode="medusa2", epochs=2, steps=10), "epochs: give steps or epochs, not both"),
 ])
 def test_lora_and_epochs_config_errors_name_the_key(raw, match):
@@ -149,15 +150,21 @@ def test_gradient_checkpointing_keeps_losses_and_gradients(run_dir):  # noqa: F8
 def test_lora_run_freezes_the_base_resumes_exactly_and_exports_the_merged_model(run_dir, tmp_path):  # noqa: F811
     kw = dict(mode="medusa2", steps=4, lora={"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "down_proj"]},
               gradient_checkpointing=True)
-    trainer = Trainer(make_cfg(run_dir, str(tmp_path / "a"), **kw))
+    adapter_only = dict(kw, lora=dict(kw["lora"], export="adapter"))
+    trainer = Trainer(make_cfg(run_dir, str(tmp_path / "a"), **adapter_only))
     assert set(trainer.state["params"]) == {"lora", "heads"}
     base0, lora0 = flat(trainer.frozen["lm"]), flat(trainer.state["params"]["lora"])
     trainer.run(until=3)  # killed after step 3: the checkpoint of step 2 survives
-    resumed = Trainer(make_cfg(run_dir, str(tmp_path / "a"), **kw)).run()
+    resumed = Trainer(make_cfg(run_dir, str(tmp_path / "a"), **adapter_only)).run()
     straight = Trainer(make_cfg(run_dir, str(tmp_path / "b"), **kw)).run()
     assert resumed.step == straight.step == 4
     for a, b in zip(flat(resumed.params), flat(straight.params)):
         np.testing.assert_array_equal(a, b)
+    assert resumed.model_dir is None and not os.path.exists(tmp_path / "a" / "model")  # export: adapter
+    adapters = [_safetensors_dir(str(tmp_path / d / "adapter")) for d in ("a", "b")]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 3 * 2  # A and B of q, v, down; 2 layers
+    for key in adapters[0]:
+        np.testing.assert_array_equal(adapters[0][key], adapters[1][key])
     assert all(np.array_equal(a, b) for a, b in zip(base0, flat(trainer.frozen["lm"])))
     assert not all(np.array_equal(a, b) for a, b in zip(lora0, flat(straight.params["lora"])))
 
@@ -168,6 +175,57 @@ def test_lora_run_freezes_the_base_resumes_exactly_and_exports_the_merged_model(
     ids, pos = tokens_positions(9)
     np.testing.assert_allclose(exported.lm.logits(exported.lm(ids, pos, None, None)[0]),
                                lm.logits(lm(ids, pos, None, None)[0]), rtol=1e-5, atol=1e-5)
+
+
+def _safetensors_dir(path):
+    from jaxmedusa.safetensors_io import iter_safetensors
+
+    return {k: v for f in sorted(os.listdir(path)) if f.endswith(".safetensors")
+            for k, v in iter_safetensors(os.path.join(path, f))}
+
+
+def test_peft_adapter_applied_to_the_checkpoint_gives_the_merged_export(run_dir, tmp_path):  # noqa: F811
+    """output_dir/adapter is a PEFT LoRA adapter: W + lora_alpha / r * lora_B @ lora_A, applied to the base
+    checkpoint's tensors by their PEFT key names, gives exactly the exported merged checkpoint's tensors."""
+    import json
+
+    targets = ["k_proj", "o_proj", "up_proj"]
+    kw = dict(mode="medusa2", steps=2, lora={"rank": 4, "alpha": 8.0, "targets": targets})
+    result = Trainer(make_cfg(run_dir, str(tmp_path / "p"), **kw)).run()
+    adapter = os.path.join(str(tmp_path / "p"), "adapter")
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert (config["peft_type"], config["r"], config["lora_alpha"], sorted(config["target_modules"])) == \
+        ("LORA", 4, 8.0, sorted(targets))
+    lora = _safetensors_dir(adapter)
+    assert len(lora) == 2 * 3 * 2  # A and B, three targets, two layers
+    base, merged = _safetensors_dir(os.path.join(run_dir, "model")), _safetensors_dir(result.model_dir)
+    scale = config["lora_alpha"] / config["r"]
+    rebuilt = dict(base)
+    for key in lora:
+        if key.endswith(".lora_A.weight"):
+            module = key[len("base_model.model."):-len(".lora_A.weight")]
+            a, b = lora[key], lora[key.replace("lora_A", "lora_B")]
+            assert a.shape[0] == b.shape[1] == 4
+            rebuilt[module + ".weight"] = base[module + ".weight"].astype(np.float32) + scale * b @ a
+    assert set(rebuilt) == set(merged)
+    for key, value in merged.items():
+        np.testing.assert_allclose(value, rebuilt[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    assert not np.allclose(merged["model.layers.0.self_attn.k_proj.weight"],
+                           base["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_adapter_of_a_part_the_checkpoint_fuses_is_refused_by_name():
+    from jaxmedusa.models.lora import peft_adapter_tensors
+
+    glm = dict(tiny_config(), model_type="glm", architectures=["GlmForCausalLM"], head_dim=16, pad_token_id=0)
+    lm = create_lm(ModelConfig.from_hf_dict(glm), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    add_lora(lm, 2, 4.0, ["q_proj", "gate_proj"], rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="the gate_proj adapter of layers.0.mlp.gate_up_proj has no tensor of its own"):
+        peft_adapter_tensors(lm)
+    lm = create_lm(ModelConfig.from_hf_dict(glm), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    add_lora(lm, 2, 4.0, ["q_proj"], rngs=nnx.Rngs(1))
+    tensors, names = peft_adapter_tensors(lm)
+    assert names == ["q_proj"] and "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in tensors
 
 
 def test_epochs_set_the_number_of_steps(run_dir, tmp_path):  # noqa: F811

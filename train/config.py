@@ -18,6 +18,7 @@ MODES = ("medusa1", "medusa2", "pretrain")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "sine")
 TEMPLATES = ("auto", "plain", "vicuna")
+LORA_EXPORTS = ("merged", "adapter", "both")
 
 
 class TrainConfigError(ValueError):
@@ -41,6 +42,7 @@ class LoRAConfig:
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = ()  # transformers' projection names (q_proj, ..., down_proj); empty: all
+    export: str = "both"  # merged (output_dir/model) | adapter (output_dir/adapter, PEFT's layout) | both
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,8 @@ class TrainConfig:
                 fail("lora.rank", f"must be a positive integer, got {self.lora.rank!r}")
             if not self.lora.alpha > 0:
                 fail("lora.alpha", f"must be > 0, got {self.lora.alpha!r}")
+            if self.lora.export not in LORA_EXPORTS:
+                fail("lora.export", f"{self.lora.export!r} is not one of {', '.join(LORA_EXPORTS)}")
         if not isinstance(self.mesh.tensor, int) or self.mesh.tensor < 1:
             fail("mesh.tensor", f"must be a positive integer, got {self.mesh.tensor!r}")
         sizes = (self.mesh.data, self.mesh.fsdp)
@@ -257,6 +261,8 @@ def _lora_config(value: Any) -> LoRAConfig:
         kw["rank"] = _coerce("lora.rank", value["rank"], int)
     if "alpha" in value:
         kw["alpha"] = _coerce("lora.alpha", value["alpha"], float)
+    if "export" in value:
+        kw["export"] = _coerce("lora.export", value["export"], str)
     if "targets" in value:
         targets = value["targets"]
         targets = [targets] if isinstance(targets, str) else list(targets or [])

@@ -32,7 +32,7 @@ from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.heads_io import save_heads
 from jaxmedusa.loading import Model, load, load_tokenizer, save
 from jaxmedusa.models import CausalLM, ModelConfig, abstract_lm, create_lm
-from jaxmedusa.models.lora import add_lora, merged_state
+from jaxmedusa.models.lora import add_lora, merged_state, save_peft_adapter
 
 from . import losses, run_dir
 from .checkpointing import Checkpointer
@@ -467,8 +467,9 @@ class Trainer:
                 total[key] = total[key] / batches
         return summarize(total)
 
-    def trained_modules(self) -> tuple[CausalLM | None, MedusaHeads | None]:
-        """The trained base (when trained) and heads as float32 NNX modules on the host."""
+    def trained_modules(self, merge: bool = True) -> tuple[CausalLM | None, MedusaHeads | None]:
+        """The trained base (when trained; with LoRA, merged unless merge=False: then the base's shapes with
+        the trained adapters, no weights) and heads as float32 NNX modules on the host."""
         from jax.experimental import multihost_utils
 
         params = self.state["params"]
@@ -481,7 +482,11 @@ class Trainer:
             gd = nnx.split(abstract_lm(mcfg, jnp.float32))[0]
             lm = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["lm"]))
         if "lora" in params:
-            lm = merge_lora(cfg, params["lora"])
+            if merge:
+                lm = merge_lora(cfg, params["lora"])
+            else:
+                lm = lora_lm(cfg, mcfg, jnp.float32)
+                nnx.update(lm, jax.tree_util.tree_map(jnp.asarray, params["lora"]))
         if "heads" in params:
             heads = nnx.merge(heads_graphdef(cfg, mcfg, jnp.float32),
                               jax.tree_util.tree_map(jnp.asarray, params["heads"]))
@@ -489,12 +494,21 @@ class Trainer:
 
     def export(self) -> tuple[str | None, str | None]:
         """Writes output_dir/heads (official heads-only layout) and, when the base was trained,
-        output_dir/model (an HF model directory with the tokenizer)."""
-        lm, heads = self.trained_modules()
+        output_dir/model (an HF model directory with the tokenizer); with LoRA, the model has the adapters
+        merged and/or output_dir/adapter holds them as a PEFT adapter (lora.export)."""
+        lora = self.cfg.lora
+        lm, heads = self.trained_modules(merge=lora is None or lora.export != "adapter")
         if jax.process_index() != 0:
             return None, None
         out = self.cfg.output_dir
         model_dir = heads_dir = None
+        if lora is not None and lora.export != "merged":
+            adapted = lm if lora.export == "adapter" else lora_lm(self.cfg, self.models.config, jnp.float32)
+            if lora.export == "both":
+                nnx.update(adapted, jax.tree_util.tree_map(jnp.asarray, jax.device_get(self.state["params"]["lora"])))
+            save_peft_adapter(adapted, os.path.join(out, "adapter"), base_model=self.cfg.model)
+            if lora.export == "adapter":
+                lm = None
         if lm is not None:
             model_dir = os.path.join(out, "model")
             save(Model(lm=lm, tokenizer=self.models.tokenizer), model_dir)

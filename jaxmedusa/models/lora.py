@@ -5,16 +5,19 @@ B [rank, out] zero, so a fresh adapter changes nothing). Targets are named as tr
 projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; OPT: q_proj, k_proj, v_proj,
 out_proj, fc1, fc2): where this project fuses q/k/v or gate/up into one product, each named part gets an
 adapter of its own over its columns, as it would on the unfused model. The adapters are `nnx.LoRAParam`s,
-so `nnx.split(lm, nnx.LoRAParam, ...)` separates them from the frozen base.
+so `nnx.split(lm, nnx.LoRAParam, ...)` separates them from the frozen base. `merged_state` folds them into
+the weights; `save_peft_adapter` writes them as a PEFT LoRA adapter for transformers.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .layers import Linear
@@ -105,3 +108,54 @@ def merged_state(lm) -> nnx.State:
             var = var.replace(value=(w.astype(jnp.float32) + deltas[path]).astype(w.dtype))
         flat.append((path, var))
     return nnx.from_flat_state(flat)
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_adapter_tensors(lm) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The adapters as PEFT saves a LoRA adapter: `base_model.model.<module>.lora_A.weight` [rank, in] and
+    `lora_B.weight` [out, rank] per adapted checkpoint projection, named by the family's checkpoint table.
+    Returns (tensors, target module names). A part this model fuses that the checkpoint also stores fused
+    (GLM's gate_up_proj) has no PEFT equivalent: a ValueError names it."""
+    from . import param_table
+
+    by_cols = {(e.path, e.cols): e.hf_key for e in param_table(lm.config) if e.transpose}
+    tensors: dict[str, np.ndarray] = {}
+    targets: list[str] = []
+    for path, lin, parts in _projections(lm):
+        if lin.lora is None:
+            continue
+        a, r, out = np.asarray(lin.lora.a[...], np.float32), lin.lora.rank, lin.kernel.shape[1]
+        for j, ((start, end), b) in enumerate(zip(lin.lora.parts, lin.lora.b)):
+            key = path + ("kernel",)
+            hf = by_cols.get((key, (start, end))) or (by_cols.get((key, None)) if (start, end) == (0, out) else None)
+            if hf is None:
+                name = next(n for n, s, e in parts if (s, e) == (start, end))
+                raise ValueError(f"the {name} adapter of {'.'.join(map(str, path))} has no tensor of its own in "
+                                 f"this family's checkpoints, so no PEFT adapter can hold it; export merged")
+            module = hf[:-len(".weight")]
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a[:, j * r:(j + 1) * r].T)
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b[...], np.float32).T)
+            if module.rsplit(".", 1)[-1] not in targets:
+                targets.append(module.rsplit(".", 1)[-1])
+    return tensors, targets
+
+
+def save_peft_adapter(lm, path: str, *, base_model: str | None = None) -> None:
+    """Writes the model's adapters as a PEFT LoRA adapter directory (adapter_model.safetensors and
+    adapter_config.json, float32), which `peft.PeftModel.from_pretrained(base, path)` loads onto the
+    transformers model of the same checkpoint."""
+    from ..atomic import write_json
+    from ..safetensors_io import save_safetensors
+
+    tensors, targets = peft_adapter_tensors(lm)
+    if not tensors:
+        raise ValueError("the model has no LoRA adapters to save")
+    lora = next(lin.lora for _, lin, _ in _projections(lm) if lin.lora is not None)
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors, {"format": "pt"})
+    write_json(os.path.join(path, "adapter_config.json"), {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.scale * lora.rank,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model or ""})
