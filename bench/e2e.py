@@ -46,7 +46,9 @@ CHATGLM2_6B = dict(architectures=["ChatGLMModel"], model_type="chatglm", num_lay
                    hidden_size=4096, ffn_hidden_size=13696, kv_channels=128, num_attention_heads=32,
                    multi_query_attention=True, multi_query_group_num=2, seq_length=32768, layernorm_epsilon=1e-5,
                    add_qkv_bias=True, add_bias_linear=False, tie_word_embeddings=False)
-MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "opt-6.7b": OPT_6_7B, "qwen2.5-7b": QWEN2_5_7B,
+VICUNA_33B = dict(LLAMA2_7B, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                  num_key_value_heads=52, rms_norm_eps=1e-6)  # LLaMA-33B / Vicuna-33B v1.3 shapes
+MODELS = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B, "vicuna-33b": VICUNA_33B, "opt-6.7b": OPT_6_7B, "qwen2.5-7b": QWEN2_5_7B,
           "qwen3-8b": QWEN3_8B, "chatglm2-6b": CHATGLM2_6B, "smoke": SMOKE}
 
 
