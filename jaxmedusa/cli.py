@@ -299,6 +299,9 @@ def _add_distill(sub) -> None:
     p.add_argument("--model", required=True, help="local HF model directory (with its tokenizer)")
     p.add_argument("--data", required=True, nargs="+", help="ShareGPT-style JSON/JSONL files")
     p.add_argument("--out", required=True, help="output JSONL (messages with role/content)")
+    p.add_argument("--heads", default=None,
+                   help="Medusa heads directory: decode with them (faster; greedy replies equal vanilla's, sampled "
+                        "ones use lossless rejection acceptance)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -328,6 +331,7 @@ def cmd_distill(args) -> int:
         where += [f"{path}, conversation {n + 1}" for n in range(len(loaded))]
     convs, where = convs[:args.limit], where[:args.limit]
     settings = dict(model=os.path.abspath(args.model), data=[os.path.abspath(p) for p in args.data], limit=args.limit,
+                    heads=args.heads and os.path.abspath(args.heads),
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, max_len=args.max_len, chat_template=args.chat_template, too_long=args.too_long)
     progress = DistillProgress(args.out, settings, restart=args.restart)
@@ -335,7 +339,7 @@ def cmd_distill(args) -> int:
     if len(todo) < len(convs):
         print(f"jaxmedusa distill: resuming from {progress.path}: {len(progress.done)} conversations finished, "
               f"{len(progress.skipped)} left out, {len(todo)} to go", file=sys.stderr)
-    model = jaxmedusa.load(args.model, max_len=args.max_len) if todo else None
+    model = jaxmedusa.load(args.model, heads=args.heads, max_len=args.max_len) if todo else None
 
     def skipped(j: int, why: str) -> None:
         print(f"jaxmedusa distill: {where[todo[j]]}: {why}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Training: config, data masking, per-head label shifts, Medusa-1/2 invariants, sharding, exact resume, export."""
 
+import dataclasses
 import json
 import math
 import os
@@ -351,6 +352,8 @@ def test_distill_regenerates_assistant_turns_with_the_model(run_dir, tmp_path):
         ids = model.tokenizer(renderer.prompt(first_user), add_special_tokens=False)["input_ids"]
         expected = jaxmedusa.generate(model, [ids], max_new_tokens=6, eos_token_id=model.eos_token_ids).texts[0]
         assert got[len(first_user)].content == expected.lstrip()
+    with_heads = dataclasses.replace(model, heads=random_heads(model.lm, num_heads=3, seed=5))
+    assert distill(with_heads, convs, max_new_tokens=6, batch_size=2, medusa=True) == out  # heads: same replies
 
 
 def test_cli_train_and_distill(run_dir, tmp_path, capsys):

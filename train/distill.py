@@ -25,8 +25,13 @@ TOO_LONG = ("skip", "truncate")
 def distill(model: Model, conversations: Sequence[Sequence[Message]], *, max_new_tokens: int = 256,
             batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
             template: str = "auto", too_long: str = "skip", on_skip: Callable[[int, str], None] | None = None,
-            on_done: Callable[[int, list[Message]], None] | None = None) -> list[list[Message]]:
+            on_done: Callable[[int, list[Message]], None] | None = None,
+            medusa: bool | None = None) -> list[list[Message]]:
     """Returns the conversations with every assistant turn replaced by the model's own reply.
+
+    medusa: None (the default) decodes with the model's Medusa heads when it has them, True requires them,
+    False is vanilla. Heads change the speed, not the replies: greedy output equals vanilla greedy token for
+    token, and sampling uses lossless rejection acceptance (replies drawn from the model's own distribution).
 
     A conversation is cut after its last user turn (a trailing user turn gets a reply too), so each
     result ends with a generated assistant turn. A turn whose prompt and max_new_tokens do not fit in the
@@ -88,7 +93,7 @@ def distill(model: Model, conversations: Sequence[Sequence[Message]], *, max_new
             if not chunk:
                 continue
             result = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed + step, eos_token_id=list(eos), medusa=False)
+                              seed=seed + step, eos_token_id=list(eos), medusa=medusa, acceptance="rejection")
             step += 1
             for i, toks in zip(chunk, result.tokens):
                 text = model.tokenizer.decode(toks, skip_special_tokens=True)
