@@ -77,6 +77,8 @@ def build_model(cfg: ModelConfig, params: dict[tuple, np.ndarray], dtype, mesh=N
     """The config's model whose parameters are exactly `params` (path -> array), with no random init; with a
     mesh, each parameter goes from host memory straight into its shards (sharding.place)."""
     abstract = abstract_lm(cfg, dtype)
+    if mesh is not None:  # each device's q/k/v (gate/up) columns side by side, so no part crosses devices
+        params = sharding.interleave_fused(abstract, params, mesh.shape[sharding.TENSOR])
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     missing = [path for path, _ in flat if path not in params]
@@ -292,7 +294,7 @@ def save(model: Model | CausalLM, path: str | os.PathLike, *, dtype=None,
     os.makedirs(model_dir, exist_ok=True)
     previous = _previous_save(model_dir)
     flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))}
-    tensors = export_params(flat, param_table(lm.config))
+    tensors = export_params(sharding.checkpoint_order(lm, flat), param_table(lm.config))
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     cfg = lm.config.to_hf_dict()

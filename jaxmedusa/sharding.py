@@ -6,9 +6,13 @@ LM head are split by vocabulary, and the KV cache by KV head. The attention kern
 heads under shard_map. A dimension the mesh does not divide stays replicated (correct, only slower).
 `load(..., mesh=...)` places each parameter's shards on their devices straight from host memory.
 
-The fused q/k/v and gate/up kernels are split in contiguous column blocks, which do not line up with
-their q/k/v (gate/up) parts, so XLA reshards them before attention; laying each device's parts side by
-side in the checkpoint table would remove that traffic and is the next step once GPUs measure it.
+The fused q/k/v and gate/up kernels are split in contiguous column blocks. Laid out as in the checkpoint
+(all of q, then k, then v), a device's block would hold other devices' parts, and XLA would reshard every
+layer's q, k, v, gate and up (11 collective-permutes a layer in the compiled decode step of a 4-way
+host mesh). `load(..., mesh=)` therefore interleaves their columns per device (`interleave_fused`: device
+d's q heads, k heads and v heads side by side, then device d + 1's), and the modules split their output
+the same way (layers.split_columns, `shards`); `save` restores the checkpoint order. What the mesh does not
+divide by whole heads stays in checkpoint order.
 """
 
 from __future__ import annotations
@@ -52,6 +56,50 @@ def param_spec(path: tuple, shape: tuple[int, ...], n: int) -> P:
     if axis is None or shape[axis] % n:
         return P()
     return P(*[TENSOR if i == axis else None for i in range(len(shape))])
+
+
+def interleave_order(widths: tuple[int, ...], n: int) -> np.ndarray:
+    """Column order putting each device's share of every part side by side: new[:, j] = old[:, order[j]]."""
+    starts = np.cumsum((0,) + tuple(widths[:-1]))
+    return np.concatenate([np.arange(s + d * w // n, s + (d + 1) * w // n)
+                           for d in range(n) for s, w in zip(starts, widths)])
+
+
+def _fused_modules(lm) -> list[tuple[tuple, nnx.Module]]:
+    """(path, module) of every module with a fused product of parts (Attention's qkv, MLP's gate_up)."""
+    return [(path, m) for path, m in nnx.iter_modules(lm) if hasattr(m, "fused_parts")]
+
+
+def interleave_fused(lm, params: dict[tuple, np.ndarray], n: int) -> dict[tuple, np.ndarray]:
+    """Sets `shards = n` on the fused modules of `lm` (an abstract model about to be built) whose parts split
+    into whole heads (whole columns for gate/up) over n devices, and returns `params` (path -> host array, the
+    checkpoint's column order) with those products' kernel and bias columns in interleave_order."""
+    out = dict(params)
+    for path, module in _fused_modules(lm):
+        widths, unit = module.fused_parts()
+        if n == 1 or any(w % (n * unit) for w in widths):
+            continue
+        module.shards = n
+        order = interleave_order(widths, n)
+        for leaf in ("kernel", "bias"):
+            key = path + (module.fused, leaf)
+            if key in out:
+                out[key] = np.asarray(out[key])[..., order]
+    return out
+
+
+def checkpoint_order(lm, flat: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray]:
+    """The inverse of interleave_fused: `flat` (path -> array of `lm`'s state) in the checkpoint's column order."""
+    out = dict(flat)
+    for path, module in _fused_modules(lm):
+        if module.shards == 1:
+            continue
+        inverse = np.argsort(interleave_order(module.fused_parts()[0], module.shards))
+        for leaf in ("kernel", "bias"):
+            key = path + (module.fused, leaf)
+            if key in out:
+                out[key] = np.asarray(out[key])[..., inverse]
+    return out
 
 
 def place(module_state_flat, mesh: Mesh):

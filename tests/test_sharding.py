@@ -44,6 +44,31 @@ one = jaxmedusa.load(path, heads=heads, max_len=160)
 tp = jaxmedusa.load(path, heads=heads, max_len=160, mesh=n)
 k = tp.lm.layers[0].self_attn.qkv_proj.kernel[...]
 assert len(k.sharding.device_set) == n and k.addressable_shards[0].data.shape[1] == k.shape[1] // n
+kv_divides = tp.config.num_kv_heads % n == 0
+assert tp.lm.layers[0].self_attn.shards == (n if kv_divides else 1) and tp.lm.layers[0].mlp.shards == n
+# each device holds its own q/k/v heads and gate/up columns: the compiled decode step moves no activations
+# between devices but the row-parallel products' all-reduces (two a layer, one for the embedding)
+import re
+from flax import nnx
+from jaxmedusa.cache import KVCache
+gd, st = nnx.split(tp.lm)
+def step(st, cache, tok):
+    m = nnx.merge(gd, st)
+    h, cache = m(tok, cache.lengths[:, None], cache, jnp.ones((1, 1), bool))
+    return m.logits(h), cache
+with jaxmedusa.sharding.active(tp.mesh):
+    hlo = jax.jit(step).lower(st, KVCache.create(tp.config, 2, 16), jnp.zeros((2, 1), jnp.int32)).compile().as_text()
+moves = {{op: len(re.findall(rf"\\b{{op}}(-start)?\\(", hlo)) for op in ("all-gather", "all-to-all", "collective-permute")}}
+if kv_divides:
+    assert moves == {{"all-gather": 0, "all-to-all": 0, "collective-permute": 0}}, moves
+    assert len(re.findall(r"\\ball-reduce(-start)?\\(", hlo)) == 2 * tp.config.num_layers + 1
+# save() writes the checkpoint's column order back
+import tempfile
+with tempfile.TemporaryDirectory() as d:
+    jaxmedusa.save(tp, d + "/m")
+    again = jaxmedusa.load(d + "/m", max_len=160)
+for a, b in zip(jax.tree_util.tree_leaves(nnx.state(again.lm)), jax.tree_util.tree_leaves(nnx.state(one.lm))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 assert tp.heads.heads[0].proj.kernel[...].addressable_shards[0].data.shape[1] == tp.config.vocab_size // n
 ids = np.random.default_rng(0).integers(3, 96, size=(2, 40))
 from jaxmedusa import sharding
@@ -73,6 +98,21 @@ def test_tensor_parallel_equals_one_device(jax_model_dir, tmp_path, n, kv_heads)
     heads = str(tmp_path / "heads")
     jaxmedusa.save_heads(random_heads(model.lm, num_heads=4, seed=30), heads)
     assert "OK" in run_on_host_mesh(SCRIPT.format(tests=TESTS, path=path, heads=heads, n=n), devices=4)
+
+
+def test_interleave_order_groups_each_devices_parts_and_inverts():
+    from jaxmedusa.sharding import interleave_order
+
+    order = interleave_order((4, 2, 2), 2)  # q 4 columns, k 2, v 2 over 2 devices
+    assert order.tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
+    x = np.arange(24).reshape(3, 8)
+    np.testing.assert_array_equal(x[:, order][:, np.argsort(order)], x)
+    from jaxmedusa.models.layers import split_columns
+
+    q, k, v = split_columns(x[:, order], (4, 2, 2), 2)
+    np.testing.assert_array_equal(q, x[:, :4])
+    np.testing.assert_array_equal(k, x[:, 4:6])
+    np.testing.assert_array_equal(v, x[:, 6:])
 
 
 def test_tensor_parallel_needs_the_devices():

@@ -23,7 +23,7 @@ from flax import nnx
 
 from ..cache import KVCache
 from .config import ConfigError, ModelConfig, RopeConfig, eos_tuple, hf_eos, hf_rope, required, silu_act
-from .layers import RMSNorm, cached_attention, checkpointed, linear, lm_head_logits
+from .layers import RMSNorm, cached_attention, checkpointed, linear, lm_head_logits, split_columns
 from .params import ParamEntry, fused_linear_entries, linear_entries
 from .rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -101,6 +101,9 @@ HF_KEYS = DecoderKeys()  # transformers' Llama, Mistral, Qwen2, Qwen3
 
 
 class Attention(nnx.Module):
+    fused = "qkv_proj"  # the product whose columns are q, k and v side by side (sharding.interleave_fused)
+    shards = 1  # devices those columns are interleaved for: each device's q, k and v heads side by side
+
     def __init__(self, cfg: DecoderConfig, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
         # q, k and v as one product (a checkpoint's q/k/v tensors side by side; the family's table maps them).
@@ -110,12 +113,17 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=dtype) if cfg.qk_norm else None
         self.cfg = cfg
 
+    def fused_parts(self) -> tuple[tuple[int, ...], int]:
+        """The widths of q, k and v in qkv_proj's columns, and the unit a device's share must be a multiple of."""
+        cfg = self.cfg
+        return (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim), \
+            cfg.head_dim
+
     def __call__(self, x, cos, sin, cache: KVCache, layer: int, tree_mask, prefill: bool, attn_impl):
         cfg = self.cfg
         b, t, _ = x.shape
         with jax.named_scope("qkv_proj"):
-            qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            q, k, v = jnp.split(self.qkv_proj(x), [qd, qd + kvd], axis=-1)
+            q, k, v = split_columns(self.qkv_proj(x), self.fused_parts()[0], self.shards)
             q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
             k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -131,14 +139,21 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one product (gate's columns first)."""
 
+    fused = "gate_up_proj"
+    shards = 1  # as Attention.shards, for gate and up
+
     def __init__(self, cfg: DecoderConfig, dtype, rngs: nnx.Rngs):
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = linear(h, 2 * i, cfg.mlp_bias, dtype, rngs)
         self.down_proj = linear(i, h, cfg.mlp_bias, dtype, rngs)
 
+    def fused_parts(self) -> tuple[tuple[int, ...], int]:
+        i = self.down_proj.kernel.shape[0]
+        return (i, i), 1
+
     def __call__(self, x):
         with jax.named_scope("mlp"):
-            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            gate, up = split_columns(self.gate_up_proj(x), self.fused_parts()[0], self.shards)
             return self.down_proj(jax.nn.silu(gate) * up)
 
 

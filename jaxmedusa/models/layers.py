@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxmedusa.kernels import attention, matmul, prefill_attention, training_attention
@@ -56,6 +57,18 @@ def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, pref
                                                                    layer=layer),
                          q, ck, cv, cache.lengths, tree_mask, stacked_cache=True)
     return o, cache._replace(k=ck, v=cv)
+
+
+def split_columns(y: jax.Array, widths: tuple[int, ...], shards: int = 1) -> list[jax.Array]:
+    """The parts of a fused product's output y [..., sum(widths)]: side by side (shards = 1), or interleaved
+    per device (sharding.interleave_fused: device d's share of every part, then device d + 1's), so each
+    device splits its own columns and no part crosses devices."""
+    if shards == 1:
+        return jnp.split(y, list(np.cumsum(widths[:-1])), axis=-1)
+    lead = y.shape[:-1]
+    y = y.reshape(*lead, shards, y.shape[-1] // shards)
+    parts = jnp.split(y, list(np.cumsum([w // shards for w in widths[:-1]])), axis=-1)
+    return [p.reshape(*lead, w) for p, w in zip(parts, widths)]
 
 
 def checkpointed(layer: nnx.Module, call, x: jax.Array, *arrays: jax.Array) -> jax.Array:

@@ -82,6 +82,8 @@ def add_lora(lm, rank: int, alpha: float, targets: Sequence[str] = (), *, rngs: 
     Returns the number of adapter parameters. Unknown names are a ValueError naming the known ones."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if any(getattr(m, "shards", 1) != 1 for _, m in nnx.iter_modules(lm)):
+        raise ValueError("LoRA is added to a model in its checkpoint layout: load it without a mesh")
     known = lora_target_names(lm)
     wanted = set(targets or known)
     unknown = sorted(wanted - set(known))
