@@ -228,6 +228,15 @@ def test_adapter_of_a_part_the_checkpoint_fuses_is_refused_by_name():
     assert names == ["q_proj"] and "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in tensors
 
 
+def test_lora_distill_kl_uses_the_frozen_base_as_teacher(run_dir, tmp_path):  # noqa: F811
+    cfg = make_cfg(run_dir, str(tmp_path / "kl"), mode="medusa2", steps=2, distill_kl=True, shared_lm_head=True,
+                   lora={"rank": 2, "targets": ["v_proj"], "export": "adapter"})
+    trainer = Trainer(cfg)
+    assert "teacher" not in trainer.frozen  # no second copy of the base
+    result = trainer.run()
+    assert result.history[0]["kl"] < 1e-6 < result.history[-1]["kl"]  # B = 0: the student starts as the teacher
+
+
 def test_epochs_set_the_number_of_steps(run_dir, tmp_path):  # noqa: F811
     raw = dict(make_cfg(run_dir, str(tmp_path / "e")).to_dict(), epochs=1.5)
     del raw["steps"]
