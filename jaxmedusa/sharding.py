@@ -71,9 +71,10 @@ def _fused_modules(lm) -> list[tuple[tuple, nnx.Module]]:
 
 
 def interleave_fused(lm, params: dict[tuple, np.ndarray], n: int) -> dict[tuple, np.ndarray]:
-    """Sets `shards = n` on the fused modules of `lm` (an abstract model about to be built) whose parts split
-    into whole heads (whole columns for gate/up) over n devices, and returns `params` (path -> host array, the
-    checkpoint's column order) with those products' kernel and bias columns in interleave_order."""
+    """Sets `shards = n` on the fused modules of `lm` (a model or an abstract one about to be built) whose parts
+    split into whole heads (whole columns for gate/up) over n devices, and returns `params` (path -> host or
+    device array, in the checkpoint's column order) with those products' kernel and bias columns in
+    interleave_order."""
     out = dict(params)
     for path, module in _fused_modules(lm):
         widths, unit = module.fused_parts()
@@ -84,7 +85,7 @@ def interleave_fused(lm, params: dict[tuple, np.ndarray], n: int) -> dict[tuple,
         for leaf in ("kernel", "bias"):
             key = path + (module.fused, leaf)
             if key in out:
-                out[key] = np.asarray(out[key])[..., order]
+                out[key] = out[key][..., order]
     return out
 
 
@@ -98,7 +99,7 @@ def checkpoint_order(lm, flat: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarra
         for leaf in ("kernel", "bias"):
             key = path + (module.fused, leaf)
             if key in out:
-                out[key] = np.asarray(out[key])[..., inverse]
+                out[key] = out[key][..., inverse]
     return out
 
 

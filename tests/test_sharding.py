@@ -138,7 +138,8 @@ def test_cli_tensor_parallel_flag(jax_model_dir):
 
 def test_training_with_a_tensor_axis_equals_one_device(tmp_path):
     """medusa2 (base and heads trained) on a data=1 x fsdp=2 x tensor=2 host mesh does the single-device
-    arithmetic up to fp32 summation order, with the base's projections split over `tensor`."""
+    arithmetic up to fp32 summation order, with the base's projections split over `tensor` (fused columns
+    interleaved per device) and the same exported model."""
     script = f"""
 import sys, dataclasses
 import jax
@@ -146,7 +147,8 @@ sys.path.insert(0, {TESTS!r})
 assert len(jax.devices()) == 4
 import jaxmedusa
 from conftest import random_lm, save_word_tokenizer
-from test_train import make_cfg, assert_same_training, write_chat_data
+import numpy as np
+from test_train import make_cfg, write_chat_data
 from jaxmedusa.train import Trainer
 from jaxmedusa.train.config import MeshConfig
 d = {str(tmp_path)!r}
@@ -159,7 +161,26 @@ t = Trainer(cfg)
 spec = t.state_sharding["params"]["lm"]["layers"][0]["self_attn"]["qkv_proj"]["kernel"].value.spec
 assert "tensor" in str(spec) and "fsdp" in str(spec), spec
 tp = t.run()
-assert_same_training(one, tp)
+# the base's fused q/k/v and gate/up columns train interleaved per device (no resharding between devices);
+# the export writes the checkpoint's order back, so the two runs export the same model
+lm_tp, heads_tp = t.trained_modules()
+assert lm_tp.layers[0].self_attn.shards == 2 and lm_tp.layers[0].mlp.shards == 2
+for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-4)):
+    np.testing.assert_allclose([h[key] for h in one.history], [h[key] for h in tp.history], rtol=rtol)
+from flax import nnx
+a, b = (nnx.state(jaxmedusa.load(r.model_dir).lm) for r in (one, tp))
+for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert np.linalg.norm(x - y) <= 1e-4 * np.linalg.norm(x) + 1e-7, (np.linalg.norm(x - y), x.shape)
+# on a pure tensor mesh the compiled step moves no activations between devices but reductions and the
+# gathers of vocabulary-split logits (in the checkpoint's column order: 5 collective-permutes and 7
+# all-to-alls a layer)
+import re
+t4 = Trainer(dataclasses.replace(cfg, output_dir=d + "/tp2", mesh=MeshConfig(data=1, fsdp=1, tensor=2)),
+             devices=jax.devices()[:2])
+tokens, mask = t4.batch(0)
+hlo = t4._step_fn(True).lower(t4.state, t4.frozen, tokens, mask).compile().as_text()
+assert not re.findall(r"\\b(collective-permute|all-to-all)(-start)?\\(", hlo)
 print("OK")
 """
     assert "OK" in run_on_host_mesh(script, devices=4)

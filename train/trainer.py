@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxmedusa import sharding
 from jaxmedusa.atomic import atomic_open, write_json
 from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.heads_io import save_heads
@@ -97,8 +98,9 @@ def heads_graphdef(cfg: TrainConfig, mcfg: ModelConfig, dtype):
         dtype=dtype, rngs=nnx.Rngs(0))))[0]
 
 
-def build_models(cfg: TrainConfig) -> Models:
-    """Loads (or initialises) the base, creates fresh heads, and splits trained from frozen state."""
+def build_models(cfg: TrainConfig, tensor: int = 1) -> Models:
+    """Loads (or initialises) the base, creates fresh heads, and splits trained from frozen state (the base's
+    fused products interleaved for `tensor` devices, see models_for)."""
     cd = jnp.dtype(cfg.compute_dtype)
     if cfg.model is not None:  # a frozen base (medusa1, LoRA) is only ever used at the compute dtype
         frozen_base = not cfg.trains_base or cfg.lora is not None
@@ -117,15 +119,22 @@ def build_models(cfg: TrainConfig) -> Models:
     if len(tokenizer) > mcfg.vocab_size:
         raise TrainConfigError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
                                f"{mcfg.vocab_size}")
-    return models_for(cfg, lm, tokenizer)
+    return models_for(cfg, lm, tokenizer, tensor)
 
 
-def models_for(cfg: TrainConfig, lm: CausalLM, tokenizer=None) -> Models:
+def models_for(cfg: TrainConfig, lm: CausalLM, tokenizer=None, tensor: int = 1) -> Models:
     """The run's Models around a base already in memory (loaded by build_models, or random at real shapes in
-    bench/train.py): fresh heads and adapters, the trained state split from the frozen one."""
+    bench/train.py): fresh heads and adapters, the trained state split from the frozen one. With a `tensor`
+    mesh axis > 1 the base's fused q/k/v and gate/up columns are interleaved per device, as inference does
+    (sharding.interleave_fused: no part crosses devices); export writes the checkpoint's order back. LoRA
+    keeps the checkpoint order (its adapters address the parts' columns as they are there)."""
     mcfg = lm.config
     cd = jnp.dtype(cfg.compute_dtype)
-    base_graphdef = lm_graphdef = nnx.split(abstract_lm(mcfg, cd))[0]
+    if tensor > 1 and cfg.lora is None:
+        flat = nnx.to_flat_state(nnx.state(lm))
+        moved = sharding.interleave_fused(lm, {p: v.get_value() for p, v in flat}, tensor)
+        nnx.update(lm, nnx.from_flat_state([(p, v.replace(value=moved[p])) for p, v in flat]))
+    base_graphdef = lm_graphdef = nnx.split(abstract_lm_like(lm, cd))[0]
     if cfg.lora is not None:
         lm_graphdef = nnx.split(lora_lm(cfg, mcfg, cd))[0]
     _, lm_state = nnx.split(lm)
@@ -147,6 +156,16 @@ def models_for(cfg: TrainConfig, lm: CausalLM, tokenizer=None) -> Models:
         frozen["lm"] = _cast(lm_state, cd)
     params = _cast(params, jnp.float32)
     return Models(mcfg, lm_graphdef, heads_gd, params, frozen, tokenizer, base_graphdef)
+
+
+def abstract_lm_like(lm: CausalLM, dtype) -> CausalLM:
+    """abstract_lm of lm's config at `dtype`, with lm's tensor-parallel column layout (its modules' shards)."""
+    abstract = abstract_lm(lm.config, dtype)
+    shards = {path: m.shards for path, m in nnx.iter_modules(lm) if getattr(m, "shards", 1) != 1}
+    for path, m in nnx.iter_modules(abstract):
+        if path in shards:
+            m.shards = shards[path]
+    return abstract
 
 
 def lora_lm(cfg: TrainConfig, mcfg: ModelConfig, dtype):
@@ -295,7 +314,7 @@ class Trainer:
                                    f"copy or use another output_dir")
         self.mesh = make_mesh(cfg.mesh, devices)
         check_batch(self.mesh, cfg.batch_size, cfg.grad_accum)
-        self.models = build_models(cfg) if models is None else models
+        self.models = build_models(cfg, self.mesh.shape["tensor"]) if models is None else models
         self.data = load_data(cfg, self.models.tokenizer, cfg.data) if data is None else data
         self.eval_data = load_data(cfg, self.models.tokenizer, cfg.eval_data) if cfg.eval_data else None
         if cfg.epochs:
@@ -478,9 +497,10 @@ class Trainer:
         params = jax.device_get(params)
         cfg, mcfg = self.cfg, self.models.config
         lm = heads = None
-        if "lm" in params:
-            gd = nnx.split(abstract_lm(mcfg, jnp.float32))[0]
-            lm = nnx.merge(gd, jax.tree_util.tree_map(jnp.asarray, params["lm"]))
+        if "lm" in params:  # float32, in the run's column layout (save() writes the checkpoint's order)
+            state = jax.tree_util.tree_map(jnp.asarray, params["lm"])
+            layout = nnx.merge(self.models.lm_graphdef, state)  # the compute-dtype model, read for its layout
+            lm = nnx.merge(nnx.split(abstract_lm_like(layout, jnp.float32))[0], state)
         if "lora" in params:
             if merge:
                 lm = merge_lora(cfg, params["lora"])
