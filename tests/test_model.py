@@ -2,10 +2,13 @@
 
 import json
 import os
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxmedusa
 from jaxmedusa.cache import KVCache
@@ -29,19 +32,27 @@ def test_prefill_then_incremental_decode_equals_full_forward(overrides):
     ids = rng.integers(0, 97, size=(2, 30)).astype(np.int32)
     full = full_forward_logits(lm, ids)
 
+    graphdef, state = nnx.split(lm)
+
+    @partial(jax.jit, static_argnames="prefill")  # one compile per chunk shape, not every op eagerly
+    def step(ids, pos, cache, prefill=False):
+        m = nnx.merge(graphdef, state)
+        n = ids.shape[1]
+        h, cache = m(ids, pos, cache, jnp.tril(jnp.ones((n, n), bool)), prefill=prefill)
+        return m.logits(h), cache
+
     prompt = 11
     cache = KVCache.create(lm.config, 2, 40)
-    pos = jnp.broadcast_to(jnp.arange(prompt), (2, prompt))
-    h, cache = lm(jnp.asarray(ids[:, :prompt]), pos, cache, jnp.tril(jnp.ones((prompt, prompt), bool)), prefill=True)
+    logits, cache = step(jnp.asarray(ids[:, :prompt]), jnp.broadcast_to(jnp.arange(prompt), (2, prompt)), cache,
+                         prefill=True)
     cache = cache._replace(lengths=jnp.full((2,), prompt, jnp.int32))
-    got = [np.asarray(lm.logits(h))]
+    got = [np.asarray(logits)]
     t = prompt
     while t < 30:  # then chunks of 1 and 3 tokens through the cache (decode and multi-token paths)
         n = 1 if t % 2 else min(3, 30 - t)
-        pos = cache.lengths[:, None] + jnp.arange(n)[None]
-        h, cache = lm(jnp.asarray(ids[:, t:t + n]), pos, cache, jnp.tril(jnp.ones((n, n), bool)))
+        logits, cache = step(jnp.asarray(ids[:, t:t + n]), cache.lengths[:, None] + jnp.arange(n)[None], cache)
         cache = cache._replace(lengths=cache.lengths + n)
-        got.append(np.asarray(lm.logits(h)))
+        got.append(np.asarray(logits))
         t += n
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-4, rtol=0)
 

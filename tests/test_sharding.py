@@ -79,7 +79,7 @@ with sharding.active(tp.mesh):
 np.testing.assert_allclose(got, jax_full_logits(one, ids), atol=1e-4, rtol=0)
 prompts = [[5, 6, 7], list(range(3, 40))]
 want = jaxmedusa.generate(one, prompts, max_new_tokens=12, medusa=False, eos_token_id=[]).tokens
-for impl in (None, "interpret"):
+for impl in (None, "interpret") if n == 2 else (None,):  # the Pallas kernels per device: once is enough
     assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, medusa=False, eos_token_id=[],
                               attn_impl=impl).tokens == want, impl
     assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, eos_token_id=[], attn_impl=impl).tokens == want, impl
