@@ -221,7 +221,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     if unknown:
         raise TrainConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_FIELDS))}")
     if raw.get("epochs") and "steps" in raw:
-        raise TrainConfigError("epochs: give steps or epochs, not both")
+        raise TrainConfigError("epochs: give steps or epochs, not both (--set epochs=0 lets steps count)")
     kw: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "mesh":
