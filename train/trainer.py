@@ -487,8 +487,9 @@ class Trainer:
         return summarize(total)
 
     def trained_modules(self, merge: bool = True) -> tuple[CausalLM | None, MedusaHeads | None]:
-        """The trained base (when trained; with LoRA, merged unless merge=False: then the base's shapes with
-        the trained adapters, no weights) and heads as float32 NNX modules on the host."""
+        """The trained base (when trained; with LoRA, merged into the checkpoint's weights unless merge=False:
+        then the base's shapes with the trained adapters, no weights) and heads as float32 NNX modules on the
+        host."""
         from jax.experimental import multihost_utils
 
         params = self.state["params"]
@@ -502,11 +503,10 @@ class Trainer:
             layout = nnx.merge(self.models.lm_graphdef, state)  # the compute-dtype model, read for its layout
             lm = nnx.merge(nnx.split(abstract_lm_like(layout, jnp.float32))[0], state)
         if "lora" in params:
+            lm = lora_lm(cfg, mcfg, jnp.float32)
+            nnx.update(lm, jax.tree_util.tree_map(jnp.asarray, params["lora"]))
             if merge:
-                lm = merge_lora(cfg, params["lora"])
-            else:
-                lm = lora_lm(cfg, mcfg, jnp.float32)
-                nnx.update(lm, jax.tree_util.tree_map(jnp.asarray, params["lora"]))
+                lm = merge_lora(cfg, lm)
         if "heads" in params:
             heads = nnx.merge(heads_graphdef(cfg, mcfg, jnp.float32),
                               jax.tree_util.tree_map(jnp.asarray, params["heads"]))
@@ -517,18 +517,15 @@ class Trainer:
         output_dir/model (an HF model directory with the tokenizer); with LoRA, the model has the adapters
         merged and/or output_dir/adapter holds them as a PEFT adapter (lora.export)."""
         lora = self.cfg.lora
-        lm, heads = self.trained_modules(merge=lora is None or lora.export != "adapter")
+        lm, heads = self.trained_modules(merge=False)  # adapters merged below, by the process that writes
         if jax.process_index() != 0:
             return None, None
         out = self.cfg.output_dir
         model_dir = heads_dir = None
-        if lora is not None and lora.export != "merged":
-            adapted = lm if lora.export == "adapter" else lora_lm(self.cfg, self.models.config, jnp.float32)
-            if lora.export == "both":
-                nnx.update(adapted, jax.tree_util.tree_map(jnp.asarray, jax.device_get(self.state["params"]["lora"])))
-            save_peft_adapter(adapted, os.path.join(out, "adapter"), base_model=self.cfg.model)
-            if lora.export == "adapter":
-                lm = None
+        if lora is not None:
+            if lora.export != "merged":
+                save_peft_adapter(lm, os.path.join(out, "adapter"), base_model=self.cfg.model)
+            lm = merge_lora(self.cfg, lm) if lora.export != "adapter" else None
         if lm is not None:
             model_dir = os.path.join(out, "model")
             save(Model(lm=lm, tokenizer=self.models.tokenizer), model_dir)
@@ -539,13 +536,13 @@ class Trainer:
         return heads_dir, model_dir
 
 
-def merge_lora(cfg: TrainConfig, lora_params) -> CausalLM:
-    """The float32 model with trained adapters merged in: the original checkpoint's weights (reloaded on the
-    host, not the compute-dtype copy that trained) plus scale * A @ B, computed in float32."""
+def merge_lora(cfg: TrainConfig, adapted: CausalLM) -> CausalLM:
+    """The float32 model with `adapted`'s trained adapters merged in: the original checkpoint's weights
+    (reloaded on the host, not the compute-dtype copy that trained) plus scale * A @ B, computed in float32."""
     with jax.default_device(jax.devices("cpu")[0]):
         lm = load(cfg.model, dtype=jnp.float32, max_len=cfg.seq_len).lm
         add_lora(lm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, rngs=nnx.Rngs(0))
-        nnx.update(lm, jax.tree_util.tree_map(jnp.asarray, lora_params))
+        nnx.update(lm, nnx.state(adapted, nnx.LoRAParam))
         return nnx.merge(nnx.split(abstract_lm(lm.config, jnp.float32))[0], merged_state(lm))
 
 
