@@ -102,6 +102,7 @@ HF_KEYS = DecoderKeys()  # transformers' Llama, Mistral, Qwen2, Qwen3
 
 class Attention(nnx.Module):
     fused = "qkv_proj"  # the product whose columns are q, k and v side by side (sharding.interleave_fused)
+    fused_names = ("q_proj", "k_proj", "v_proj")  # its parts as transformers names them (LoRA targets)
     shards = 1  # devices those columns are interleaved for: each device's q, k and v heads side by side
 
     def __init__(self, cfg: DecoderConfig, dtype, rngs: nnx.Rngs):
@@ -140,6 +141,7 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one product (gate's columns first)."""
 
     fused = "gate_up_proj"
+    fused_names = ("gate_proj", "up_proj")
     shards = 1  # as Attention.shards, for gate and up
 
     def __init__(self, cfg: DecoderConfig, dtype, rngs: nnx.Rngs):

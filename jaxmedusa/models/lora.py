@@ -51,20 +51,16 @@ class LoRA(nnx.Module):
         return self.scale * ((x @ self.a[...].astype(x.dtype)) @ self.b_full(x.dtype))
 
 
-def _parts(name: str, lin: Linear, cfg) -> tuple[tuple[str, int, int], ...]:
-    """The (target name, first column, end column) parts of the projection called `name`."""
-    out = lin.kernel.shape[1]
-    if name == "qkv_proj":
-        qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return ("q_proj", 0, qd), ("k_proj", qd, qd + kvd), ("v_proj", qd + kvd, qd + 2 * kvd)
-    if name == "gate_up_proj":
-        return ("gate_proj", 0, out // 2), ("up_proj", out // 2, out)
-    return ((name, 0, out),)
-
-
 def _projections(lm) -> list[tuple[tuple, Linear, tuple[tuple[str, int, int], ...]]]:
-    """(path, Linear, parts) of every projection inside the decoder layers."""
-    return [(path, m, _parts(str(path[-1]), m, lm.config)) for path, m in nnx.iter_modules(lm)
+    """(path, Linear, parts) of every projection inside the decoder layers; parts are (target name, first
+    column, end column): a fused product's parts from its module (fused_names, fused_parts), else one."""
+    modules = list(nnx.iter_modules(lm))
+    fused = {}
+    for path, m in modules:
+        if hasattr(m, "fused_parts"):
+            ends = np.cumsum(m.fused_parts()[0])
+            fused[path + (m.fused,)] = tuple(zip(m.fused_names, (0, *ends[:-1].tolist()), ends.tolist()))
+    return [(path, m, fused.get(path, ((str(path[-1]), 0, m.kernel.shape[1]),))) for path, m in modules
             if isinstance(m, Linear) and "layers" in path]
 
 
