@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 import jaxmedusa
+from jaxmedusa.atomic import write_json
 from jaxmedusa.models import ModelConfig
 
 
@@ -33,8 +34,7 @@ def write_result(result: dict, name: str, out: str | None = None) -> str:
     out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                               f"{name}-{result['date']}-{result['device'].replace(' ', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(out, result, indent=1)
     print(f"wrote {out}")
     return out
 

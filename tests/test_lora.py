@@ -243,6 +243,23 @@ def test_lora_distill_kl_uses_the_frozen_base_as_teacher(run_dir, tmp_path):  # 
     assert result.history[0]["kl"] < 1e-6 < result.history[-1]["kl"]  # B = 0: the student starts as the teacher
 
 
+def test_an_adapter_peft_cannot_hold_is_refused_before_training(tmp_path):
+    from conftest import save_word_tokenizer
+    from test_train import write_chat_data
+
+    glm = dict(tiny_config(), model_type="glm", architectures=["GlmForCausalLM"], head_dim=16, pad_token_id=0)
+    jaxmedusa.save(create_lm(ModelConfig.from_hf_dict(glm), dtype=jnp.float32, rngs=nnx.Rngs(0)),
+                   str(tmp_path / "model"))
+    save_word_tokenizer(str(tmp_path / "model"))
+    write_chat_data(str(tmp_path / "data.jsonl"), n=4)
+    cfg = make_cfg(str(tmp_path), str(tmp_path / "out"), mode="medusa2", lora={"targets": ["up_proj"]})
+    with pytest.raises(TrainConfigError, match="lora.export: the up_proj adapter .* export merged"):
+        Trainer(cfg)
+    merged_only = make_cfg(str(tmp_path), str(tmp_path / "out"), mode="medusa2",
+                           lora={"targets": ["up_proj"], "export": "merged"})
+    assert set(Trainer(merged_only).state["params"]) == {"lora", "heads"}
+
+
 def test_epochs_set_the_number_of_steps(run_dir, tmp_path):  # noqa: F811
     raw = dict(make_cfg(run_dir, str(tmp_path / "e")).to_dict(), epochs=1.5)
     del raw["steps"]

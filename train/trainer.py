@@ -33,7 +33,7 @@ from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.heads_io import save_heads
 from jaxmedusa.loading import Model, load, load_tokenizer, save
 from jaxmedusa.models import CausalLM, ModelConfig, abstract_lm, create_lm
-from jaxmedusa.models.lora import add_lora, merged_state, save_peft_adapter
+from jaxmedusa.models.lora import add_lora, merged_state, peft_adapter_tensors, save_peft_adapter
 
 from . import losses, run_dir
 from .checkpointing import Checkpointer
@@ -146,7 +146,13 @@ def models_for(cfg: TrainConfig, lm: CausalLM, tokenizer=None, tensor: int = 1) 
         heads_gd = heads_graphdef(cfg, mcfg, cd)
         params["heads"] = nnx.split(heads)[1]
     if cfg.lora is not None:  # the adapters train; the base stays frozen (and is distill_kl's teacher)
-        params["lora"] = nnx.split(lora_lm(cfg, mcfg, jnp.float32), nnx.LoRAParam, ...)[1]
+        adapted = lora_lm(cfg, mcfg, jnp.float32)
+        if cfg.lora.export != "merged":  # refused now, not after the run: an adapter PEFT cannot hold
+            try:
+                peft_adapter_tensors(adapted)
+            except ValueError as e:
+                raise TrainConfigError(f"lora.export: {e}") from None
+        params["lora"] = nnx.split(adapted, nnx.LoRAParam, ...)[1]
         frozen["lm"] = _cast(lm_state, cd)
     elif cfg.trains_base:
         params["lm"] = lm_state
