@@ -1,13 +1,19 @@
-"""The embedded default model's numbers: held-out perplexity, acceptance, and vanilla vs Medusa speed.
+"""The embedded default model's numbers: held-out bits per byte, acceptance, parse rate, vanilla vs Medusa speed.
 
-    python bench/default_model.py --heldout runs/default-model/corpus/heldout.jsonl [--sweep]
+    python bench/default_model.py --heldout runs/default-model/corpus/heldout.jsonl [--sweep] [--repeats 5]
 
-- perplexity: exp(mean next-token loss) over every token of the held-out stdlib files (packed windows);
-  needs the corpus that configs/default-model/build.py writes (skipped without --heldout).
+- bits per byte and perplexity: the next-token loss summed over every predicted token of the held-out
+  files (packed windows), over the UTF-8 bytes those tokens spell; needs the corpus that
+  configs/default-model/build.py writes (skipped without --heldout; --heldout-deps adds the held-out
+  dependency files).
 - acceptance and speed on the shipped held-out prompts (jaxmedusa/assets/default/heldout_prompts.json),
   one prompt at a time as `jaxmedusa generate` runs them, greedy: Medusa with the shipped tree and with
-  mc_sim_7b_63 (trimmed to 4 heads), and vanilla, interleaved per prompt after a warm-up of each, so the
-  ratio is measured side by side. The script fails if any Medusa output differs from vanilla.
+  mc_sim_7b_63 (trimmed to the heads there are), and vanilla, interleaved per prompt after a warm-up of
+  each, so the ratio is measured side by side; --repeats rounds over all prompts give the median speedup
+  and its spread (min..max). The script fails if any Medusa output differs from vanilla.
+- parse rate: each prompt (the first lines of a held-out function) continued greedily until its function
+  block ends (the first line back at the def's indentation) or --parse-tokens run out; the fraction whose
+  block ends and parses with ast.parse.
 - --sweep: trees of several sizes grown from the heads' measured top-k accuracies (build.json).
 Prints a table; writes bench/results/default_model[-sweep]-DATE-DEVICE.json (and --out, when given).
 """
@@ -15,6 +21,7 @@ Prints a table; writes bench/results/default_model[-sweep]-DATE-DEVICE.json (and
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import math
@@ -26,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmedusa
+from jaxmedusa.atomic import write_json
 from jaxmedusa.loading import DEFAULT_MODEL_DIR
 from jaxmedusa.tree import DEFAULT_TREE, grow_tree, published_trees
 
@@ -33,12 +41,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import device_name  # noqa: E402
 
 
-def perplexity(model, path: str, seq_len: int = 512) -> tuple[float, int]:
-    """(exp of the mean next-token NLL, number of predicted tokens) over a JSONL of {"text": ...} documents."""
+def token_bytes(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id spells, for a byte-level BPE tokenizer (special tokens spell none)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = set(ByteLevel.alphabet())
+    special = set(tokenizer.all_special_ids)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out = np.zeros(len(vocab), np.int64)
+    for i, tok in enumerate(vocab):
+        if i in special or tok is None:
+            continue
+        if not set(tok) <= alphabet:
+            raise ValueError(f"token {i} ({tok!r}) is not byte-level BPE; bits per byte needs a byte-level tokenizer")
+        out[i] = len(tok)
+    return out
+
+
+def heldout_loss(model, path: str, seq_len: int = 512) -> dict:
+    """Perplexity and bits per byte over a JSONL of {"text": ...} documents: the summed next-token NLL of every
+    predicted token (packed windows; a window's first token is not predicted) over the bytes they spell."""
     from jaxmedusa.train.data import ChatRenderer, load_conversations, tokenize
 
     data = tokenize(load_conversations(path), ChatRenderer(model.tokenizer), seq_len, packing=True)
     lm = model.lm
+    nbytes = jnp.asarray(token_bytes(model.tokenizer))
 
     @jax.jit
     def nll(tokens, mask):
@@ -47,51 +74,92 @@ def perplexity(model, path: str, seq_len: int = 512) -> tuple[float, int]:
         logp = jax.nn.log_softmax(lm.logits(hidden[:, :-1]), axis=-1)
         tok_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
         m = mask[:, 1:]
-        return -jnp.sum(tok_logp * m), jnp.sum(m)
+        return -jnp.sum(tok_logp * m), jnp.sum(m), jnp.sum(nbytes[tokens[:, 1:]] * m)
 
-    total, count = 0.0, 0
+    total, count, size = 0.0, 0, 0
     for i in range(0, len(data), 8):
-        s, n = nll(jnp.asarray(data.tokens[i:i + 8]), jnp.asarray(data.mask[i:i + 8], jnp.float32))
-        total, count = total + float(s), count + int(n)
-    return math.exp(total / count), count
+        s, n, nb = nll(jnp.asarray(data.tokens[i:i + 8]), jnp.asarray(data.mask[i:i + 8], jnp.float32))
+        total, count, size = total + float(s), count + int(n), size + int(nb)
+    return dict(perplexity=math.exp(total / count), bits_per_byte=total / math.log(2) / size, tokens=count,
+                bytes=size, bytes_per_token=size / count)
 
 
-def run_prompts(model, prompts, max_new_tokens: int, trees: dict) -> dict:
-    """Greedy generation of every prompt (batch 1) with vanilla and each tree, interleaved per prompt."""
+def function_block(text: str) -> str | None:
+    """The top-level function at the start of text, up to the first line back at column 0; None when the text
+    ends inside it (its end was not generated)."""
+    lines = text.split("\n")
+    for i in range(1, len(lines)):
+        if lines[i].strip() and not lines[i][0].isspace():
+            return "\n".join(lines[:i])
+    return None
+
+
+def parse_rate(model, prompts: list[str], max_new_tokens: int) -> dict:
+    """Greedy continuations of function headers: how many end their block within max_new_tokens and parse."""
+    r = jaxmedusa.generate(model, prompts, max_new_tokens=max_new_tokens, medusa=False)
+    ended = parsed = 0
+    for p, t in zip(prompts, r.texts):
+        block = function_block(p + t)
+        if block is None:
+            continue
+        ended += 1
+        try:
+            ast.parse(block)
+            parsed += 1
+        except SyntaxError:
+            pass
+    return dict(prompts=len(prompts), max_new_tokens=max_new_tokens, block_ended=ended, parsed=parsed,
+                parse_fraction=parsed / len(prompts))
+
+
+def run_prompts(model, prompts, max_new_tokens: int, trees: dict, repeats: int = 1) -> dict:
+    """Greedy generation of every prompt (batch 1) with vanilla and each tree, interleaved per prompt, in
+    `repeats` rounds over all prompts; each round gives one speedup per tree (its tokens/s over vanilla's)."""
     kinds = {"vanilla": dict(medusa=False), **{name: dict(tree=t) for name, t in trees.items()}}
     for kw in kinds.values():  # compile every (kind, prompt bucket) first
         for p in prompts:
             jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens, **kw)
-    acc = {k: dict(seconds=0.0, tokens=0, steps=0, emitted=0, outputs=[]) for k in kinds}
-    for p in prompts:
-        for k, kw in kinds.items():
-            r = jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens, **kw)
-            a = acc[k]
-            a["seconds"] += r.stats["seconds"]
-            a["tokens"] += r.stats["new_tokens"]
-            a["outputs"].append(r.tokens[0])
-            if k != "vanilla":
-                hist = r.stats["accepted_histogram"]
-                a["steps"] += sum(hist)
-                a["emitted"] += sum((j + 1) * h for j, h in enumerate(hist))
-                a["tree_nodes"] = r.stats["tree_nodes"]
+    acc = {k: dict(seconds=[], tokens=0, steps=0, emitted=0, outputs=[]) for k in kinds}
+    for round_ in range(repeats):
+        for a in acc.values():
+            a["seconds"].append(0.0)
+        for p in prompts:
+            for k, kw in kinds.items():
+                r = jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens, **kw)
+                a = acc[k]
+                a["seconds"][-1] += r.stats["seconds"]
+                if round_:
+                    assert r.tokens[0] == a["outputs"][len(a["outputs"]) - len(prompts) + prompts.index(p)]
+                    continue
+                a["tokens"] += r.stats["new_tokens"]
+                a["outputs"].append(r.tokens[0])
+                if k != "vanilla":
+                    hist = r.stats["accepted_histogram"]
+                    a["steps"] += sum(hist)
+                    a["emitted"] += sum((j + 1) * h for j, h in enumerate(hist))
+                    a["tree_nodes"] = r.stats["tree_nodes"]
     v = acc["vanilla"]
     rows = []
     for k, a in acc.items():
-        row = dict(kind=k, tokens=a["tokens"], seconds=round(a["seconds"], 4),
-                   tokens_per_second=a["tokens"] / a["seconds"])
+        tps = [a["tokens"] / sec for sec in a["seconds"]]
+        row = dict(kind=k, tokens=a["tokens"], seconds=[round(x, 4) for x in a["seconds"]],
+                   tokens_per_second=float(np.median(tps)))
         if k != "vanilla":
+            speedups = [vs / ms for ms, vs in zip(a["seconds"], v["seconds"])]  # same tokens, per round
             row.update(tree_nodes=a["tree_nodes"], mean_accepted_tokens_per_step=a["emitted"] / a["steps"],
-                       speedup=row["tokens_per_second"] / (v["tokens"] / v["seconds"]),
-                       identical_to_vanilla=a["outputs"] == v["outputs"])
+                       speedup=float(np.median(speedups)), speedup_min=min(speedups), speedup_max=max(speedups),
+                       speedups=[round(x, 4) for x in speedups], identical_to_vanilla=a["outputs"] == v["outputs"])
         rows.append(row)
-    return {"rows": rows}
+    return {"rows": rows, "repeats": repeats}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heldout", default=None, help="held-out corpus JSONL (build.py's corpus/heldout.jsonl)")
+    ap.add_argument("--heldout-deps", default=None, help="also the held-out dependency files (heldout_deps.jsonl)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--parse-tokens", type=int, default=384, help="new tokens a function may take to end (parse rate)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds over all prompts (median and spread)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N shipped prompts")
     ap.add_argument("--sweep", action="store_true", help="also time trees of other sizes grown from accuracies")
     ap.add_argument("--out", default=None, help="also merge the results into this JSON file")
@@ -106,22 +174,28 @@ def main() -> None:
     trees = {"shipped": model.tree, DEFAULT_TREE: [p for p in published_trees()[DEFAULT_TREE] if len(p) <= k]}
     if args.sweep:
         acc = np.asarray(build["head_topk_accuracy"])
-        for size in (2, 4, 8, 12, 24, 32, 48, 64):
+        for size in (2, 4, 8, 12, 16, 24, 32, 48, 64):
             trees[f"grown-{size}"] = grow_tree(acc, size)[0]
 
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
                   prompts=len(prompts), max_new_tokens=args.max_new_tokens, max_len=model.max_len)
-    if args.heldout:
-        ppl, n = perplexity(model, args.heldout)
-        result.update(heldout_perplexity=ppl, heldout_tokens=n)
-        print(f"held-out perplexity {ppl:.3f} over {n} tokens")
-    result.update(run_prompts(model, prompts, args.max_new_tokens, trees))
-    print(f"{len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, greedy, batch 1; "
-          f"device {device_name()}; jax {jax.__version__}")
-    print(f"{'kind':>14} {'nodes':>6} {'tokens/s':>9} {'accepted/step':>14} {'speedup':>8} {'== vanilla':>10}")
+    for key, path in (("heldout", args.heldout), ("heldout_deps", args.heldout_deps)):
+        if path:
+            result[key] = heldout_loss(model, path)
+            print(f"{key}: {result[key]['bits_per_byte']:.4f} bits/byte, perplexity {result[key]['perplexity']:.3f} "
+                  f"over {result[key]['tokens']} tokens ({result[key]['bytes_per_token']:.2f} bytes/token)")
+    result["parse"] = parse_rate(model, prompts, args.parse_tokens)
+    print(f"parse: {result['parse']['parsed']} of {len(prompts)} continued functions parse "
+          f"({result['parse']['block_ended']} ended within {args.parse_tokens} tokens)")
+    result.update(run_prompts(model, prompts, args.max_new_tokens, trees, args.repeats))
+    print(f"{len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} "
+          f"rounds; device {device_name()}; jax {jax.__version__}")
+    print(f"{'kind':>14} {'nodes':>6} {'tokens/s':>9} {'accepted/step':>14} {'speedup':>8} {'min..max':>11} "
+          f"{'== vanilla':>10}")
     for r in result["rows"]:
+        spread = f"{r['speedup_min']:.2f}..{r['speedup_max']:.2f}" if "speedup" in r else ""
         print(f"{r['kind']:>14} {r.get('tree_nodes', 1):>6} {r['tokens_per_second']:>9.1f} "
-              f"{r.get('mean_accepted_tokens_per_step', 1.0):>14.3f} {r.get('speedup', 1.0):>7.2f}x "
+              f"{r.get('mean_accepted_tokens_per_step', 1.0):>14.3f} {r.get('speedup', 1.0):>7.2f}x {spread:>11} "
               f"{str(r.get('identical_to_vanilla', True)):>10}")
     name = f"default_model{'-sweep' if args.sweep else ''}-{result['date']}-{device_name().replace(' ', '_')}.json"
     outs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)] + ([args.out] if args.out else [])
@@ -132,8 +206,7 @@ def main() -> None:
                 merged = json.load(f)
         merged.update(result)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(merged, f, indent=1)
+        write_json(out, merged, indent=1)
         print(f"wrote {out}")
     if not all(r.get("identical_to_vanilla", True) for r in result["rows"]):
         sys.exit(1)

@@ -1,32 +1,41 @@
-"""Builds the embedded default model (jaxmedusa/assets/default) from the Python standard library's sources.
+"""Builds the embedded default model (jaxmedusa/assets/default) from Python sources every install has.
 
-    python configs/default-model/build.py            # every stage; resumes where a run stopped
+    python configs/default-model/build.py            # every stage, in order
     python configs/default-model/build.py --stage corpus tokenizer
+    python configs/default-model/build.py --stage pretrain distill heads    # the GPU stages, on a GPU host
 
 Stages (outputs under --work, default runs/default-model; only `export` writes into the package):
-  corpus     the stdlib subset below -> corpus/{train,heldout}.jsonl ({"text": source} per file) and
-             corpus/manifest.json (Python version, every file with its split, size and sha256)
-  tokenizer  byte-level BPE (vocab 4096) trained on the train split -> tokenizer/ (HF tokenizer files)
-  pretrain   `jaxmedusa train pretrain.yaml`: a small Llama from scratch -> pretrain/model
-  distill    self-distillation: the base's own greedy continuations of DISTILL_PROMPTS windows of the
-             train split -> corpus/distilled.jsonl (what greedy Medusa must predict is the model's output)
-  heads      `jaxmedusa train heads.yaml`: 4 Medusa-1 heads on the frozen base, trained on the distilled
-             data -> heads/heads
+  corpus     the Python standard library plus the sources of the project's dependencies (SOURCES) ->
+             corpus/{train,heldout,heldout_deps}.jsonl ({"text": source, "path": ...} per file) and
+             corpus/manifest.json (Python and package versions, every file with its split, size, sha256)
+  tokenizer  byte-level BPE (vocab VOCAB) trained on the train split -> tokenizer/ (HF tokenizer files)
+  pretrain   `jaxmedusa train pretrain.yaml`: a Llama from scratch -> pretrain/model         [GPU, ~3 min]
+  distill    self-distillation: the base's own greedy continuations of DISTILL_PROMPTS windows spread over
+             the train split -> corpus/distilled.jsonl (what greedy Medusa must predict is the model's output)
+  heads      `jaxmedusa train heads.yaml`: Medusa-1 heads on the frozen base, trained on the distilled
+             data -> heads/heads                                                             [GPU]
   export     the tree (grown from the heads' top-k accuracies), float16 model + heads (+ tree) + tokenizer
-             + held-out prompts -> jaxmedusa/assets/default
-  measure    held-out perplexity, acceptance and vanilla-vs-Medusa speed -> assets/default/build.json
+             + held-out prompts + a compact manifest -> jaxmedusa/assets/default
+  measure    held-out bits per byte, acceptance, parse rate and vanilla-vs-Medusa speed -> build.json
 
-The corpus is deterministic for a given Python version: every `.py` file under the stdlib directory,
-sorted by path, minus the folders in EXCLUDED (tests, GUI, data tables, vendored or generated code);
-a file is held out when crc32 of its relative path is 0 mod HELDOUT_MOD. The shipped model was built with
-the Python and file list recorded in assets/default/manifest.json.
+pretrain, distill and heads run anywhere, but their settings are sized for one GPU (an H200 took ~N min in
+all); the other stages run on a CPU. The corpus is deterministic for a given Python version and package
+versions (the pinned ones in pyproject.toml; jax and numpy as installed, recorded in the manifest): every
+`.py` file under each source's directory, sorted by path, minus the folders in EXCLUDED (tests, GUI,
+vendored or generated code) and files over MAX_FILE_BYTES. A file is held out when crc32 of its path is
+0 mod HELDOUT_MOD: held-out standard-library files (heldout.jsonl, the same files and rule as the first
+shipped model) give the reported bits per byte; held-out dependency files (heldout_deps.jsonl) are
+reported beside them. Neither is trained on.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -38,28 +47,47 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 ASSETS = ROOT / "jaxmedusa" / "assets" / "default"
 STAGES = ("corpus", "tokenizer", "pretrain", "distill", "heads", "export", "measure")
-EXCLUDED = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
-            "encodings", "pydoc_data", "__phello__", "venv", "unittest"}
+EXCLUDED = {"test", "tests", "testing", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
+            "encodings", "pydoc_data", "__phello__", "venv", "unittest", "_vendor", "vendor", "third_party"}
+# Dependencies whose sources join the standard library: import name -> distribution (its version is recorded).
+# All are Apache-2.0 or BSD licensed. torch comes with the `torch` / `test` extras.
+SOURCES = {"transformers": "transformers", "torch": "torch", "jax": "jax", "numpy": "numpy", "flax": "flax",
+           "optax": "optax", "orbax": "orbax-checkpoint"}
+MAX_FILE_BYTES = 400_000  # larger files are generated tables, not code anyone writes
 HELDOUT_MOD = 20
-VOCAB = 4096
+VOCAB = 8192
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3; the model's bos 1, eos 2
 PROMPT_CHARS = 160  # held-out prompts: the first lines of a held-out function, up to this many characters
 NUM_PROMPTS = 24
 TREE_NODES = 8  # the shipped tree's size (root included): the fastest on a 2-core CPU in the sweep of
 #                bench/default_model.py --sweep (bench/results/default_model-sweep-2026-11-24-*.json)
 ACCURACY_DOCS = 256  # distilled documents whose head accuracies shape the tree
-DISTILL_PROMPTS, DISTILL_PROMPT_TOKENS, DISTILL_NEW_TOKENS, DISTILL_STRIDE = 4096, 48, 208, 512
+DISTILL_PROMPTS, DISTILL_PROMPT_TOKENS, DISTILL_NEW_TOKENS, DISTILL_BATCH = 16384, 48, 208, 512
 
 
-def stdlib_files() -> list[tuple[str, pathlib.Path]]:
-    """(relative path, file) of the corpus, sorted."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+def source_roots() -> dict[str, tuple[pathlib.Path, str]]:
+    """name -> (directory, version) of every corpus source: "stdlib" first, then SOURCES in order."""
+    roots = {"stdlib": (pathlib.Path(sysconfig.get_paths()["stdlib"]), sys.version.split()[0])}
+    for name, dist in SOURCES.items():
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"corpus: the package {name} ({dist}) is not installed; install the project with "
+                             f"pip install -e '.[torch]'")
+        roots[name] = (pathlib.Path(list(spec.submodule_search_locations)[0]), importlib.metadata.version(dist))
+    return roots
+
+
+def source_files(name: str, root: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+    """(corpus path, file) of one source, sorted: stdlib paths are relative to the stdlib directory (as in the
+    first shipped model), a package's start with its name."""
     out = []
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root).as_posix()
         if any(part in EXCLUDED or part.startswith("config-") for part in rel.split("/")[:-1]):
             continue
-        out.append((rel, p))
+        if p.stat().st_size > MAX_FILE_BYTES:
+            continue
+        out.append((rel if name == "stdlib" else f"{name}/{rel}", p))
     return out
 
 
@@ -70,23 +98,56 @@ def is_heldout(rel: str) -> bool:
 def stage_corpus(work: pathlib.Path) -> None:
     out = work / "corpus"
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"python": sys.version.split()[0], "excluded_dirs": sorted(EXCLUDED), "heldout_mod": HELDOUT_MOD,
+    roots = source_roots()
+    manifest = {"python": sys.version.split()[0], "versions": {k: v for k, (_, v) in roots.items()},
+                "excluded_dirs": sorted(EXCLUDED), "max_file_bytes": MAX_FILE_BYTES, "heldout_mod": HELDOUT_MOD,
                 "files": []}
-    with open(out / "train.jsonl", "w") as tr, open(out / "heldout.jsonl", "w") as ho:
-        for rel, path in stdlib_files():
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            split = "heldout" if is_heldout(rel) else "train"
-            (ho if split == "heldout" else tr).write(json.dumps({"text": text, "path": rel}) + "\n")
-            manifest["files"].append({"path": rel, "split": split, "bytes": len(raw),
-                                      "sha256": hashlib.sha256(raw).hexdigest()})
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    n_ho = sum(f["split"] == "heldout" for f in manifest["files"])
-    size = sum(f["bytes"] for f in manifest["files"]) / 1e6
-    print(f"corpus: {len(manifest['files'])} files ({size:.1f} MB), {n_ho} held out -> {out}")
+    names = ("train", "heldout", "heldout_deps")
+    files = {n: open(out / f"{n}.jsonl.tmp", "w") for n in names}
+    try:
+        for name, (root, _) in roots.items():
+            for rel, path in source_files(name, root):
+                raw = path.read_bytes()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                split = "train" if not is_heldout(rel) else "heldout" if name == "stdlib" else "heldout_deps"
+                files[split].write(json.dumps({"text": text, "path": rel}) + "\n")
+                manifest["files"].append({"source": name, "path": rel, "split": split, "bytes": len(raw),
+                                          "sha256": hashlib.sha256(raw).hexdigest()})
+    finally:
+        for f in files.values():
+            f.close()
+    for n in names:
+        os.replace(out / f"{n}.jsonl.tmp", out / f"{n}.jsonl")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
+    for name in roots:
+        mine = [f for f in manifest["files"] if f["source"] == name]
+        print(f"corpus: {name} {manifest['versions'][name]}: {len(mine)} files "
+              f"({sum(f['bytes'] for f in mine) / 1e6:.1f} MB), {sum(f['split'] != 'train' for f in mine)} held out")
+    print(f"corpus -> {out}")
+
+
+def compact_manifest(manifest: dict) -> dict:
+    """What the package ships of the corpus manifest: versions and rules, per source its file count, bytes and
+    one sha256 over its (path, sha256) list, and the held-out standard-library files by name and hash (the
+    full per-file list stays in the work directory; it is too large to ship)."""
+    out = {k: v for k, v in manifest.items() if k != "files"}
+    out["sources"] = {}
+    for name in manifest["versions"]:
+        mine = [f for f in manifest["files"] if f["source"] == name]
+        digest = hashlib.sha256("".join(f"{f['path']} {f['sha256']}\n" for f in mine).encode()).hexdigest()
+        out["sources"][name] = {"files": len(mine), "bytes": sum(f["bytes"] for f in mine),
+                                "train_files": sum(f["split"] == "train" for f in mine), "sha256": digest}
+    out["heldout"] = [{"path": f["path"], "sha256": f["sha256"]} for f in manifest["files"] if f["split"] == "heldout"]
+    return out
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_texts(path: pathlib.Path) -> list[str]:
@@ -127,22 +188,27 @@ def stage_pretrain(work: pathlib.Path) -> None:
 
 
 def stage_distill(work: pathlib.Path) -> None:
-    """Greedy continuations of windows taken every DISTILL_STRIDE tokens of the train split (batched)."""
+    """Greedy continuations of DISTILL_PROMPTS windows spread evenly over the train split (batched)."""
     import jaxmedusa
 
-    model = jaxmedusa.load(work / "pretrain" / "model", max_len=DISTILL_PROMPT_TOKENS + DISTILL_NEW_TOKENS)
-    stream = [t for text in read_texts(work / "corpus" / "train.jsonl")
-              for t in model.tokenizer(text, add_special_tokens=False)["input_ids"]]
-    starts = range(0, len(stream) - DISTILL_PROMPT_TOKENS, DISTILL_STRIDE)[:DISTILL_PROMPTS]
-    prompts = [[model.config.bos_token_id] + stream[s:s + DISTILL_PROMPT_TOKENS - 1] for s in starts]
+    # float32 on any device: the continuations are what the shipped model says when it runs on a CPU
+    model = jaxmedusa.load(work / "pretrain" / "model", dtype="float32",
+                           max_len=DISTILL_PROMPT_TOKENS + DISTILL_NEW_TOKENS)
+    texts = read_texts(work / "corpus" / "train.jsonl")
+    stream = [t for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids]
+    stride = (len(stream) - DISTILL_PROMPT_TOKENS) // DISTILL_PROMPTS
+    prompts = [[model.config.bos_token_id] + stream[s:s + DISTILL_PROMPT_TOKENS - 1]
+               for s in range(0, stride * DISTILL_PROMPTS, stride)]
     out = work / "corpus" / "distilled.jsonl"
-    with open(out, "w") as f:
-        for i in range(0, len(prompts), 128):
-            batch = prompts[i:i + 128]
+    with open(out.with_name(out.name + ".tmp"), "w") as f:
+        for i in range(0, len(prompts), DISTILL_BATCH):
+            batch = prompts[i:i + DISTILL_BATCH]
             r = jaxmedusa.generate(model, batch, max_new_tokens=DISTILL_NEW_TOKENS, medusa=False)
             for p, t in zip(batch, r.tokens):
                 f.write(json.dumps({"text": model.tokenizer.decode(p[1:] + t, skip_special_tokens=True)}) + "\n")
-    print(f"distill: {len(prompts)} greedy continuations of {DISTILL_NEW_TOKENS} tokens -> {out}")
+    os.replace(out.with_name(out.name + ".tmp"), out)
+    print(f"distill: {len(prompts)} greedy continuations of {DISTILL_NEW_TOKENS} tokens, one every {stride} "
+          f"tokens of {len(stream)} -> {out}")
 
 
 def stage_heads(work: pathlib.Path) -> None:
@@ -193,7 +259,8 @@ def stage_export(work: pathlib.Path) -> None:
     jaxmedusa.save(model, ASSETS / "model", dtype=jnp.float16)
     jaxmedusa.save_heads(model.heads, ASSETS / "heads", base_model="jaxmedusa/assets/default/model",
                          dtype=jnp.float16, tree=tree)
-    shutil.copy(work / "corpus" / "manifest.json", ASSETS / "manifest.json")
+    manifest = json.loads((work / "corpus" / "manifest.json").read_text())
+    (ASSETS / "manifest.json").write_text(json.dumps(compact_manifest(manifest), indent=1))
     (ASSETS / "heldout_prompts.json").write_text(json.dumps(heldout_prompts(work), indent=1))
     (ASSETS / "build.json").write_text(json.dumps({"tree_nodes": TREE_NODES, "head_topk_accuracy": acc}, indent=1))
     size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
