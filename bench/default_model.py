@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import io
 import json
 import math
 import os
 import sys
+import tokenize
 
 import jax
 import jax.numpy as jnp
@@ -85,12 +87,23 @@ def heldout_loss(model, path: str, seq_len: int = 512) -> dict:
 
 
 def function_block(text: str) -> str | None:
-    """The top-level function at the start of text, up to the first line back at column 0; None when the text
-    ends inside it (its end was not generated)."""
-    lines = text.split("\n")
-    for i in range(1, len(lines)):
-        if lines[i].strip() and not lines[i][0].isspace():
-            return "\n".join(lines[:i])
+    """The top-level function at the start of text: the lines up to the statement that dedents to column 0
+    (found by Python's tokenizer, so strings and comments at column 0 do not end it); None when the text
+    ends inside the function (its end was not generated)."""
+    depth = 0
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.INDENT:
+                depth += 1
+            elif tok.type == tokenize.DEDENT:
+                depth -= 1
+                if depth == 0:
+                    return "\n".join(text.split("\n")[:tok.start[0] - 1])
+    except (tokenize.TokenError, IndentationError, SyntaxError) as e:
+        if isinstance(e, tokenize.TokenError):  # EOF inside a string, bracket or the function
+            return None
+        line = e.lineno or 0  # a dedent to no enclosing level: the block ends broken there
+        return "\n".join(text.split("\n")[:line])
     return None
 
 
@@ -162,6 +175,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds over all prompts (median and spread)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N shipped prompts")
     ap.add_argument("--sweep", action="store_true", help="also time trees of other sizes grown from accuracies")
+    ap.add_argument("--sweep-sizes", type=int, nargs="+", default=[2, 4, 8, 12, 16, 24, 32, 48, 64])
     ap.add_argument("--out", default=None, help="also merge the results into this JSON file")
     args = ap.parse_args()
 
@@ -174,7 +188,7 @@ def main() -> None:
     trees = {"shipped": model.tree, DEFAULT_TREE: [p for p in published_trees()[DEFAULT_TREE] if len(p) <= k]}
     if args.sweep:
         acc = np.asarray(build["head_topk_accuracy"])
-        for size in (2, 4, 8, 12, 16, 24, 32, 48, 64):
+        for size in args.sweep_sizes:
             trees[f"grown-{size}"] = grow_tree(acc, size)[0]
 
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,

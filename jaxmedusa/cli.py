@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -125,14 +126,13 @@ def cmd_generate(args) -> int:
     result = jaxmedusa.generate(model, prompts, **mkw)
     compile_seconds = result.stats["compile_seconds"]
     vanilla = None
-    if args.compare:  # second runs: compiled already, so both timings are steady state
-        result = jaxmedusa.generate(model, prompts, **mkw)
-        jaxmedusa.generate(model, prompts, medusa=False, **kw)
-        vanilla = jaxmedusa.generate(model, prompts, medusa=False, **kw)
+    if args.compare:
+        result, vanilla, speedups = compare_runs(model, prompts, mkw, kw)
     if args.json:
         payload = {"tokens": result.tokens, "texts": result.texts, "stats": result.stats}
         if vanilla is not None:
             payload["vanilla"] = {"tokens": vanilla.tokens, "stats": vanilla.stats}
+            payload["speedups"] = speedups
         print(json.dumps(payload))
         return 0
     for i, toks in enumerate(result.tokens):
@@ -152,9 +152,36 @@ def cmd_generate(args) -> int:
         v = vanilla.stats
         same = "identical" if vanilla.tokens == result.tokens else "different"
         print(f"[vanilla: {v['new_tokens']} tokens in {v['seconds']:.2f}s, {v['tokens_per_second']:.1f} tokens/s; "
-              f"medusa speedup {s['tokens_per_second'] / v['tokens_per_second']:.2f}x; {same} tokens]",
-              file=sys.stderr)
+              f"medusa speedup {statistics.median(speedups):.2f}x (median of {len(speedups)} runs of each, "
+              f"{min(speedups):.2f}..{max(speedups):.2f}); {same} tokens]", file=sys.stderr)
     return 0
+
+
+COMPARE_MIN_RUNS, COMPARE_MAX_RUNS, COMPARE_MIN_SECONDS = 5, 50, 1.0
+
+
+def compare_runs(model, prompts, medusa_kw: dict, vanilla_kw: dict):
+    """(Medusa result, vanilla result, per-run speedups): after a compiling run of each, runs of the two
+    alternate, at least COMPARE_MIN_RUNS and until each side has run COMPARE_MIN_SECONDS in all, so a
+    short generation's timer noise and one-off stalls do not decide the figure. The results returned are
+    the runs whose time is the median of their side."""
+    import jaxmedusa
+
+    jaxmedusa.generate(model, prompts, medusa=False, **vanilla_kw)  # the Medusa side compiled in the first run
+    runs = {"medusa": [], "vanilla": []}
+    while len(runs["vanilla"]) < COMPARE_MAX_RUNS and (
+            len(runs["vanilla"]) < COMPARE_MIN_RUNS
+            or min(sum(r.stats["seconds"] for r in side) for side in runs.values()) < COMPARE_MIN_SECONDS):
+        runs["medusa"].append(jaxmedusa.generate(model, prompts, **medusa_kw))
+        runs["vanilla"].append(jaxmedusa.generate(model, prompts, medusa=False, **vanilla_kw))
+    speedups = [m.stats["tokens_per_second"] / v.stats["tokens_per_second"]
+                for m, v in zip(runs["medusa"], runs["vanilla"])]
+
+    def median_run(side):
+        ordered = sorted(side, key=lambda r: r.stats["seconds"])
+        return ordered[len(ordered) // 2]
+
+    return median_run(runs["medusa"]), median_run(runs["vanilla"]), speedups
 
 
 def _add_convert(sub) -> None:

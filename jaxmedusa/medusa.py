@@ -43,7 +43,7 @@ class AcceptanceParams(NamedTuple):
 class StepState(NamedTuple):
     cache: KVCache
     root: jax.Array  # [B] next root token (already chosen, emitted by the next step)
-    head_top: jax.Array  # [B, K, top_k] heads' top-k tokens at the last accepted node
+    head_top: jax.Array  # [B, K, tree.ranks_used] heads' best tokens at the last accepted node
     key: jax.Array
 
 
@@ -61,18 +61,33 @@ def choose_root(logits, key, params: AcceptanceParams, *, acceptance: str, use_t
 
 
 TOP_K_CHUNK = 128
+# On a CPU, k at most this many: k argmax passes. XLA:CPU's top-k custom call took 0.28 ms for 5 heads'
+# 8192-token rows of the default model, a tenth of its decode step (bench/verify_breakdown.py on the 2-core CPU).
+TOP_K_ARGMAX = 8
 
 
-def top_k_indices(x: jax.Array, k: int) -> jax.Array:
-    """lax.top_k's indices over the last axis (ties: lower index first), in two stages for long rows.
+def top_k_indices(x: jax.Array, k: int, method: str | None = None) -> jax.Array:
+    """lax.top_k's indices over the last axis (ties: lower index first) for finite x, computed the way the
+    backend does fastest.
 
-    XLA's GPU top-k gives each row to one thread block, which walks a 32k vocabulary alone (0.15 ms for
+    GPU: XLA's top-k gives each row to one thread block, which walks a 32k vocabulary alone (0.15 ms for
     4 heads' rows on an H100). Splitting each row into chunks of TOP_K_CHUNK, taking every chunk's top k,
     then the top k of those keeps the result (and its tie order: chunk-major, stable within a chunk) and
-    spreads the work over many blocks.
+    spreads the work over many blocks. CPU: for small k, k passes of argmax (first index of the maximum),
+    each masking the index it took. `method` ("argmax", "chunked", "xla") overrides the choice (tests).
     """
     v = x.shape[-1]
-    if v <= 8 * TOP_K_CHUNK or k > TOP_K_CHUNK:
+    if method is None:
+        method = ("argmax" if jax.default_backend() == "cpu" and k <= TOP_K_ARGMAX
+                  else "xla" if v <= 8 * TOP_K_CHUNK or k > TOP_K_CHUNK else "chunked")
+    if method == "argmax":
+        picks = []
+        for _ in range(k):
+            i = jnp.argmax(x, axis=-1)
+            picks.append(i)
+            x = jnp.where(jnp.arange(v) == i[..., None], -jnp.inf, x)
+        return jnp.stack(picks, axis=-1).astype(jnp.int32)
+    if method == "xla":
         return jax.lax.top_k(x, k)[1]
     n = -(-v // TOP_K_CHUNK)
     pad = [(0, 0)] * (x.ndim - 1) + [(0, n * TOP_K_CHUNK - v)]
@@ -210,7 +225,7 @@ def medusa_step(lm, heads, tree: TreeBuffers, state: StepState, params: Acceptan
     cache = _compact_kv(cache, nodes)
     cache = cache._replace(lengths=cache.lengths + count)
     last = nodes[rows, acc_len]  # heads read the hidden state of the last accepted node
-    head_top = heads_top_k(heads, lm, hidden[rows, last], tree.top_k)
+    head_top = heads_top_k(heads, lm, hidden[rows, last], tree.ranks_used)
     tokens = cand[rows[:, None], jnp.maximum(nodes, 0)]
     new_state = StepState(cache=cache, root=jnp.where(active, root, state.root),
                           head_top=jnp.where(active[:, None, None], head_top, state.head_top), key=key)
@@ -222,7 +237,7 @@ def initial_state(lm, heads, tree: TreeBuffers, cache: KVCache, hidden, key, par
     """The first step's state from the prefilled cache and the last prompt hidden state [B, H]."""
     key, k0 = jax.random.split(key)
     root = choose_root(lm.logits(hidden), k0, params, acceptance=acceptance, use_top_p=use_top_p)
-    return StepState(cache=cache, root=root, head_top=heads_top_k(heads, lm, hidden, tree.top_k), key=key)
+    return StepState(cache=cache, root=root, head_top=heads_top_k(heads, lm, hidden, tree.ranks_used), key=key)
 
 
 def commit_emitted(emitted: StepOut, active, n, done, eos_ids, max_new_tokens: int):

@@ -93,6 +93,12 @@ class TreeBuffers:
     def max_depth(self) -> int:
         return int(self.depth.max())
 
+    @property
+    def ranks_used(self) -> int:
+        """How many of each head's best tokens the tree reads (its largest rank + 1, at most top_k): the
+        heads' top-k is taken this wide, not top_k wide."""
+        return int(self.rank[1:].max()) + 1 if self.size > 1 else 1
+
     def __hash__(self) -> int:  # static argument of jitted functions: identity by content
         return hash((self.nodes, self.top_k))
 

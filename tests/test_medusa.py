@@ -137,6 +137,19 @@ def test_rejection_sampling_is_lossless():
     assert chi2 < bound, (chi2, bound, dof)
 
 
+@pytest.mark.parametrize("method", ["argmax", "chunked", "xla"])
+def test_top_k_indices_equal_lax_top_k_with_ties(method):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmedusa.medusa import top_k_indices
+
+    x = np.random.default_rng().integers(-30, 30, size=(3, 2, 2500)).astype(np.float32)  # ~40 ties per value
+    for k in (1, 3, 8):
+        got = jax.jit(top_k_indices, static_argnums=(1, 2))(jnp.asarray(x), k, method)
+        np.testing.assert_array_equal(got, jax.lax.top_k(x, k)[1])
+
+
 def test_tree_buffers_for_published_tree():
     tree = build_tree("mc_sim_7b_63", num_heads=5)
     assert tree.size == 64 and tree.max_depth == 4 and tree.paths.shape == (42, 5)

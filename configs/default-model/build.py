@@ -6,21 +6,25 @@
 
 Stages (outputs under --work, default runs/default-model; only `export` writes into the package):
   corpus     the Python standard library plus the sources of the project's dependencies (SOURCES) ->
-             corpus/{train,heldout,heldout_deps}.jsonl ({"text": source, "path": ...} per file) and
-             corpus/manifest.json (Python and package versions, every file with its split, size, sha256)
+             corpus/{train,heldout,heldout_deps}.jsonl ({"text": source, "path": ...} per file),
+             corpus/train_sample.jsonl (every SAMPLE_EVERY-th train file) and corpus/manifest.json
+             (Python and package versions, every file with its split, size and sha256)
   tokenizer  byte-level BPE (vocab VOCAB) trained on the train split -> tokenizer/ (HF tokenizer files)
-  pretrain   `jaxmedusa train pretrain.yaml`: a Llama from scratch -> pretrain/model         [GPU, ~3 min]
+  pretrain   `jaxmedusa train pretrain.yaml`: a Llama from scratch -> pretrain/model          [GPU, 5.3 min]
   distill    self-distillation: the base's own greedy continuations of DISTILL_PROMPTS windows spread over
              the train split -> corpus/distilled.jsonl (what greedy Medusa must predict is the model's output)
-  heads      `jaxmedusa train heads.yaml`: Medusa-1 heads on the frozen base, trained on the distilled
-             data -> heads/heads                                                             [GPU]
-  export     the tree (grown from the heads' top-k accuracies), float16 model + heads (+ tree) + tokenizer
-             + held-out prompts + a compact manifest -> jaxmedusa/assets/default
+  heads      `jaxmedusa train heads.yaml`: Medusa-2, the heads trained jointly with the base, which a KL
+             loss holds to the pretrained model, on the distilled data and the train sample -> heads/model
+             and heads/heads                                          [GPU, 2.6 min; distill 1 min]
+  export     the tree (grown from the heads' top-k accuracies), float16 model (heads/model) + heads (+ tree)
+             + tokenizer + held-out prompts + a compact manifest -> jaxmedusa/assets/default
   measure    held-out bits per byte, acceptance, parse rate and vanilla-vs-Medusa speed -> build.json
 
-pretrain, distill and heads run anywhere, but their settings are sized for one GPU (an H200 took ~N min in
-all); the other stages run on a CPU. The corpus is deterministic for a given Python version and package
-versions (the pinned ones in pyproject.toml; jax and numpy as installed, recorded in the manifest): every
+pretrain, distill and heads run anywhere, but their settings are sized for one GPU (times above: an H200);
+the other stages run on a CPU. Each stage runs in its own process when several are asked for.
+
+The corpus is deterministic for a given Python version and package versions (the pinned ones in
+pyproject.toml; jax and numpy as installed; all recorded in the manifest): every
 `.py` file under each source's directory, sorted by path, minus the folders in EXCLUDED (tests, GUI,
 vendored or generated code) and files over MAX_FILE_BYTES. A file is held out when crc32 of its path is
 0 mod HELDOUT_MOD: held-out standard-library files (heldout.jsonl, the same files and rule as the first
@@ -55,12 +59,14 @@ SOURCES = {"transformers": "transformers", "torch": "torch", "jax": "jax", "nump
            "optax": "optax", "orbax": "orbax-checkpoint"}
 MAX_FILE_BYTES = 400_000  # larger files are generated tables, not code anyone writes
 HELDOUT_MOD = 20
+SAMPLE_EVERY = 8  # corpus/train_sample.jsonl: every 8th train file, the real text of the heads stage's mix
 VOCAB = 8192
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3; the model's bos 1, eos 2
 PROMPT_CHARS = 160  # held-out prompts: the first lines of a held-out function, up to this many characters
 NUM_PROMPTS = 24
-TREE_NODES = 8  # the shipped tree's size (root included): the fastest on a 2-core CPU in the sweep of
-#                bench/default_model.py --sweep (bench/results/default_model-sweep-2026-11-24-*.json)
+TREE_NODES = 8  # the shipped tree's size (root included): 4 and 8 nodes tie on the 2-core CPU (1.00x / 0.97x at
+#                128 new tokens), and 8 accepts more (2.46 vs 2.14 tokens/step), which longer replies and GPUs
+#                turn into speed: bench/default_model.py --sweep (bench/results/default_model-sweep-2026-12-01-*)
 ACCURACY_DOCS = 256  # distilled documents whose head accuracies shape the tree
 DISTILL_PROMPTS, DISTILL_PROMPT_TOKENS, DISTILL_NEW_TOKENS, DISTILL_BATCH = 16384, 48, 208, 512
 
@@ -121,6 +127,9 @@ def stage_corpus(work: pathlib.Path) -> None:
             f.close()
     for n in names:
         os.replace(out / f"{n}.jsonl.tmp", out / f"{n}.jsonl")
+    with open(out / "train.jsonl") as f, open(out / "train_sample.jsonl.tmp", "w") as g:
+        g.writelines(line for i, line in enumerate(f) if i % SAMPLE_EVERY == 0)
+    os.replace(out / "train_sample.jsonl.tmp", out / "train_sample.jsonl")
     write_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     for name in roots:
         mine = [f for f in manifest["files"] if f["source"] == name]
@@ -212,8 +221,10 @@ def stage_distill(work: pathlib.Path) -> None:
 
 
 def stage_heads(work: pathlib.Path) -> None:
+    corpus = work / "corpus"
     jaxmedusa_train(HERE / "heads.yaml", f"output_dir={work / 'heads'}", f"model={work / 'pretrain' / 'model'}",
-                    f"data={work / 'corpus' / 'distilled.jsonl'}", f"eval_data={work / 'corpus' / 'heldout.jsonl'}")
+                    f"data=[{corpus / 'distilled.jsonl'}, {corpus / 'train_sample.jsonl'}]",
+                    f"eval_data={corpus / 'heldout.jsonl'}")
 
 
 def heldout_prompts(work: pathlib.Path) -> list[str]:
@@ -241,7 +252,7 @@ def default_tree(work: pathlib.Path) -> tuple[list[list[int]], list[list[float]]
 
     from jaxmedusa.tree import grow_tree
 
-    acc = measure_accuracies(str(work / "pretrain" / "model"), str(work / "heads" / "heads"),
+    acc = measure_accuracies(str(work / "heads" / "model"), str(work / "heads" / "heads"),
                              str(work / "corpus" / "distilled.jsonl"), top_k=10, seq_len=512, packing=True,
                              limit=ACCURACY_DOCS)
     return grow_tree(acc, TREE_NODES)[0], acc.round(4).tolist()
@@ -255,7 +266,7 @@ def stage_export(work: pathlib.Path) -> None:
     tree, acc = default_tree(work)
     if ASSETS.exists():
         shutil.rmtree(ASSETS)
-    model = jaxmedusa.load(work / "pretrain" / "model", heads=work / "heads" / "heads", dtype="float32", max_len=16)
+    model = jaxmedusa.load(work / "heads" / "model", heads=work / "heads" / "heads", dtype="float32", max_len=16)
     jaxmedusa.save(model, ASSETS / "model", dtype=jnp.float16)
     jaxmedusa.save_heads(model.heads, ASSETS / "heads", base_model="jaxmedusa/assets/default/model",
                          dtype=jnp.float16, tree=tree)
@@ -280,9 +291,12 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "default-model"))
     args = ap.parse_args()
     work = pathlib.Path(args.work).resolve()
-    for stage in STAGES:
-        if stage in args.stage:
-            globals()[f"stage_{stage}"](work)
+    stages = [s for s in STAGES if s in args.stage]
+    if len(stages) == 1:
+        globals()[f"stage_{stages[0]}"](work)
+        return
+    for stage in stages:  # each in its own process, so no stage holds the accelerator while the next starts
+        subprocess.run([sys.executable, __file__, "--work", str(work), "--stage", stage], check=True)
 
 
 if __name__ == "__main__":
