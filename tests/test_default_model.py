@@ -12,9 +12,10 @@ import jaxmedusa
 from jaxmedusa.cli import COMPARE_MIN_RUNS, main
 from jaxmedusa.loading import DEFAULT_MODEL_DIR
 
-# Measured 2.71 when the shipped model was built (these 24 prompts, 48 new tokens, the shipped 8-node tree;
-# 3.15 at 128 tokens in assets/default/build.json); the margin covers float32 rounding across platforms.
-MIN_ACCEPTED_TOKENS_PER_STEP = 2.4
+# Measured 2.18 when the shipped model was built (these 24 prompts batched, 48 new tokens, the shipped 8-node
+# tree; 2.46 at 128 tokens one prompt at a time in assets/default/build.json); the margin covers float32
+# rounding across platforms.
+MIN_ACCEPTED_TOKENS_PER_STEP = 2.0
 NEW_TOKENS = 48
 
 
@@ -66,7 +67,11 @@ def test_medusa_equals_vanilla_and_keeps_its_acceptance(model, prompts):
     assert medusa.tokens == vanilla.tokens
     assert medusa.stats["tree_nodes"] == len(model.tree) + 1
     assert medusa.stats["mean_accepted_tokens_per_step"] >= MIN_ACCEPTED_TOKENS_PER_STEP
-    assert all(t.strip() for t in medusa.texts)  # real text, not only special tokens
+    # real text, not special tokens: a reply is blank only when the model ends the file at once (EOS first,
+    # as after a module's closing `doctest.testmod()`), and most replies are not
+    eos = model.config.eos_token_ids
+    assert all(t.strip() or (len(toks) == 1 and toks[0] in eos) for t, toks in zip(medusa.texts, medusa.tokens))
+    assert sum(bool(t.strip()) for t in medusa.texts) > len(prompts) // 2
 
 
 def test_cli_generate_uses_the_embedded_model(capsys):
