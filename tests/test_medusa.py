@@ -164,6 +164,10 @@ def test_tree_helpers():
     assert chain_tree(3) == [[0], [0, 0], [0, 0, 0]]
     assert cartesian_tree([2, 2]) == [[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]]
     assert build_tree(cartesian_tree([2, 2]), num_heads=2).size == 7
+    # the heads' top-k is taken as wide as the tree's largest rank + 1, not top_k wide
+    assert build_tree([[0], [0, 0], [0, 3], [1]], num_heads=2).ranks_used == 4
+    assert build_tree(chain_tree(3), num_heads=3).ranks_used == 1
+    assert build_tree(published_trees()["mc_sim_7b_63"], num_heads=4).ranks_used == 10
 
 
 def test_grow_tree_is_the_best_tree_of_its_size():
