@@ -12,8 +12,8 @@
   each, so the ratio is measured side by side; --repeats rounds over all prompts give the median speedup
   and its spread (min..max). The script fails if any Medusa output differs from vanilla.
 - parse rate: each prompt (the first lines of a held-out function) continued greedily until its function
-  block ends (the first line back at the def's indentation) or --parse-tokens run out; the fraction whose
-  block ends and parses with ast.parse.
+  ends (the first statement back at column 0, found by Python's tokenizer) or --parse-tokens run out; the
+  fraction whose function ends and parses with ast.parse.
 - --sweep: trees of several sizes grown from the heads' measured top-k accuracies (build.json).
 Prints a table; writes bench/results/default_model[-sweep]-DATE-DEVICE.json (and --out, when given).
 """
@@ -136,13 +136,14 @@ def run_prompts(model, prompts, max_new_tokens: int, trees: dict, repeats: int =
     for round_ in range(repeats):
         for a in acc.values():
             a["seconds"].append(0.0)
-        for p in prompts:
+        for i, p in enumerate(prompts):
             for k, kw in kinds.items():
                 r = jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens, **kw)
                 a = acc[k]
                 a["seconds"][-1] += r.stats["seconds"]
                 if round_:
-                    assert r.tokens[0] == a["outputs"][len(a["outputs"]) - len(prompts) + prompts.index(p)]
+                    if r.tokens[0] != a["outputs"][i]:
+                        raise RuntimeError(f"{k}: prompt {i} gave other tokens in round {round_ + 1} than in round 1")
                     continue
                 a["tokens"] += r.stats["new_tokens"]
                 a["outputs"].append(r.tokens[0])
