@@ -35,11 +35,11 @@ the reported bits per byte; held-out dependency files (heldout_deps.jsonl) are n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -102,15 +102,16 @@ def is_heldout(rel: str) -> bool:
 
 
 def stage_corpus(work: pathlib.Path) -> None:
+    from jaxmedusa.atomic import atomic_open, write_json
+
     out = work / "corpus"
     out.mkdir(parents=True, exist_ok=True)
     roots = source_roots()
     manifest = {"python": sys.version.split()[0], "versions": {k: v for k, (_, v) in roots.items()},
                 "excluded_dirs": sorted(EXCLUDED), "max_file_bytes": MAX_FILE_BYTES, "heldout_mod": HELDOUT_MOD,
                 "files": []}
-    names = ("train", "heldout", "heldout_deps")
-    files = {n: open(out / f"{n}.jsonl.tmp", "w") for n in names}
-    try:
+    with contextlib.ExitStack() as stack:
+        files = {n: stack.enter_context(atomic_open(out / f"{n}.jsonl")) for n in ("train", "heldout", "heldout_deps")}
         for name, (root, _) in roots.items():
             for rel, path in source_files(name, root):
                 raw = path.read_bytes()
@@ -122,19 +123,12 @@ def stage_corpus(work: pathlib.Path) -> None:
                 files[split].write(json.dumps({"text": text, "path": rel}) + "\n")
                 manifest["files"].append({"source": name, "path": rel, "split": split, "bytes": len(raw),
                                           "sha256": hashlib.sha256(raw).hexdigest()})
-    finally:
-        for f in files.values():
-            f.close()
-    for n in names:
-        os.replace(out / f"{n}.jsonl.tmp", out / f"{n}.jsonl")
-    with open(out / "train.jsonl") as f, open(out / "train_sample.jsonl.tmp", "w") as g:
+    with open(out / "train.jsonl") as f, atomic_open(out / "train_sample.jsonl") as g:
         g.writelines(line for i, line in enumerate(f) if i % SAMPLE_EVERY == 0)
-    os.replace(out / "train_sample.jsonl.tmp", out / "train_sample.jsonl")
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
-    for name in roots:
-        mine = [f for f in manifest["files"] if f["source"] == name]
-        print(f"corpus: {name} {manifest['versions'][name]}: {len(mine)} files "
-              f"({sum(f['bytes'] for f in mine) / 1e6:.1f} MB), {sum(f['split'] != 'train' for f in mine)} held out")
+    write_json(out / "manifest.json", manifest, indent=1)
+    for name, src in compact_manifest(manifest)["sources"].items():
+        print(f"corpus: {name} {manifest['versions'][name]}: {src['files']} files ({src['bytes'] / 1e6:.1f} MB), "
+              f"{src['files'] - src['train_files']} held out")
     print(f"corpus -> {out}")
 
 
@@ -151,12 +145,6 @@ def compact_manifest(manifest: dict) -> dict:
                                 "train_files": sum(f["split"] == "train" for f in mine), "sha256": digest}
     out["heldout"] = [{"path": f["path"], "sha256": f["sha256"]} for f in manifest["files"] if f["split"] == "heldout"]
     return out
-
-
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_texts(path: pathlib.Path) -> list[str]:
@@ -199,6 +187,7 @@ def stage_pretrain(work: pathlib.Path) -> None:
 def stage_distill(work: pathlib.Path) -> None:
     """Greedy continuations of DISTILL_PROMPTS windows spread evenly over the train split (batched)."""
     import jaxmedusa
+    from jaxmedusa.atomic import atomic_open
 
     # float32 on any device: the continuations are what the shipped model says when it runs on a CPU
     model = jaxmedusa.load(work / "pretrain" / "model", dtype="float32",
@@ -209,13 +198,12 @@ def stage_distill(work: pathlib.Path) -> None:
     prompts = [[model.config.bos_token_id] + stream[s:s + DISTILL_PROMPT_TOKENS - 1]
                for s in range(0, stride * DISTILL_PROMPTS, stride)]
     out = work / "corpus" / "distilled.jsonl"
-    with open(out.with_name(out.name + ".tmp"), "w") as f:
+    with atomic_open(out) as f:
         for i in range(0, len(prompts), DISTILL_BATCH):
             batch = prompts[i:i + DISTILL_BATCH]
             r = jaxmedusa.generate(model, batch, max_new_tokens=DISTILL_NEW_TOKENS, medusa=False)
             for p, t in zip(batch, r.tokens):
                 f.write(json.dumps({"text": model.tokenizer.decode(p[1:] + t, skip_special_tokens=True)}) + "\n")
-    os.replace(out.with_name(out.name + ".tmp"), out)
     print(f"distill: {len(prompts)} greedy continuations of {DISTILL_NEW_TOKENS} tokens, one every {stride} "
           f"tokens of {len(stream)} -> {out}")
 
@@ -262,6 +250,7 @@ def stage_export(work: pathlib.Path) -> None:
     import jax.numpy as jnp
 
     import jaxmedusa
+    from jaxmedusa.atomic import write_json
 
     tree, acc = default_tree(work)
     if ASSETS.exists():
@@ -271,9 +260,9 @@ def stage_export(work: pathlib.Path) -> None:
     jaxmedusa.save_heads(model.heads, ASSETS / "heads", base_model="jaxmedusa/assets/default/model",
                          dtype=jnp.float16, tree=tree)
     manifest = json.loads((work / "corpus" / "manifest.json").read_text())
-    (ASSETS / "manifest.json").write_text(json.dumps(compact_manifest(manifest), indent=1))
-    (ASSETS / "heldout_prompts.json").write_text(json.dumps(heldout_prompts(work), indent=1))
-    (ASSETS / "build.json").write_text(json.dumps({"tree_nodes": TREE_NODES, "head_topk_accuracy": acc}, indent=1))
+    write_json(ASSETS / "manifest.json", compact_manifest(manifest), indent=1)
+    write_json(ASSETS / "heldout_prompts.json", heldout_prompts(work), indent=1)
+    write_json(ASSETS / "build.json", {"tree_nodes": TREE_NODES, "head_topk_accuracy": acc}, indent=1)
     size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
     print(f"export: {ASSETS} ({size:.1f} MiB)")
 
