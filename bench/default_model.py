@@ -125,6 +125,16 @@ def parse_rate(model, prompts: list[str], max_new_tokens: int) -> dict:
                 parse_fraction=parsed / len(prompts))
 
 
+def first_differences(outputs: list[list[int]], reference: list[list[int]]) -> list[dict]:
+    """{prompt, token}: each prompt whose tokens differ from the reference's, and the first position they do."""
+    out = []
+    for i, (a, b) in enumerate(zip(outputs, reference)):
+        if a != b:
+            j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            out.append(dict(prompt=i, token=j))
+    return out
+
+
 def run_prompts(model, prompts, max_new_tokens: int, trees: dict, repeats: int = 1) -> dict:
     """Greedy generation of every prompt (batch 1) with vanilla and each tree, interleaved per prompt, in
     `repeats` rounds over all prompts; each round gives one speedup per tree (its tokens/s over vanilla's)."""
@@ -162,7 +172,8 @@ def run_prompts(model, prompts, max_new_tokens: int, trees: dict, repeats: int =
             speedups = [vs / ms for ms, vs in zip(a["seconds"], v["seconds"])]  # same tokens, per round
             row.update(tree_nodes=a["tree_nodes"], mean_accepted_tokens_per_step=a["emitted"] / a["steps"],
                        speedup=float(np.median(speedups)), speedup_min=min(speedups), speedup_max=max(speedups),
-                       speedups=[round(x, 4) for x in speedups], identical_to_vanilla=a["outputs"] == v["outputs"])
+                       speedups=[round(x, 4) for x in speedups], identical_to_vanilla=a["outputs"] == v["outputs"],
+                       differing=first_differences(a["outputs"], v["outputs"]))
         rows.append(row)
     return {"rows": rows, "repeats": repeats}
 
@@ -211,7 +222,7 @@ def main() -> None:
         spread = f"{r['speedup_min']:.2f}..{r['speedup_max']:.2f}" if "speedup" in r else ""
         print(f"{r['kind']:>14} {r.get('tree_nodes', 1):>6} {r['tokens_per_second']:>9.1f} "
               f"{r.get('mean_accepted_tokens_per_step', 1.0):>14.3f} {r.get('speedup', 1.0):>7.2f}x {spread:>11} "
-              f"{str(r.get('identical_to_vanilla', True)):>10}")
+              f"{'yes' if not r.get('differing') else str(len(r['differing'])) + ' differ':>10}")
     name = f"default_model{'-sweep' if args.sweep else ''}-{result['date']}-{device_name().replace(' ', '_')}.json"
     outs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)] + ([args.out] if args.out else [])
     for out in outs:

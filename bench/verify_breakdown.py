@@ -2,6 +2,8 @@
 
     python bench/verify_breakdown.py                       # Llama-2-7B shapes, bf16, GPU
     python bench/verify_breakdown.py --smoke               # tiny shapes, any backend (checks the script)
+    python bench/verify_breakdown.py --model default --dtype float32 --prompts 128 --tree-sizes 1 8 16
+                                                           # the embedded default model's shapes
 
 For each (batch, prompt, tree size T) it runs the jitted on-device loop generate() runs (T = 1: the
 vanilla `decode_loop`; T > 1: `medusa_loop` with random heads, so every step verifies the whole tree),
@@ -19,7 +21,6 @@ import argparse
 import collections
 import datetime
 import glob
-import json
 import os
 import re
 import sys
@@ -84,7 +85,10 @@ def family_of(name: str, hlo_op: str | None, scopes: dict[str, str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--model", default="llama2-7b", help="a bench/e2e.py shape name, or `default`: the shapes "
+                                                                     "of the embedded default model's config")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                    help="default: bfloat16 (float32 with --smoke)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--prompts", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 32, 64])
@@ -110,8 +114,13 @@ def main() -> None:
     from jaxmedusa.medusa import AcceptanceParams, medusa_loop
     from jaxmedusa.tree import build_tree
 
-    cfg = ModelConfig.from_hf_dict(MODELS[args.model])
-    dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    if args.model == "default":
+        from jaxmedusa.loading import default_model_paths
+        from jaxmedusa.atomic import read_json_object
+        cfg = ModelConfig.from_hf_dict(read_json_object(os.path.join(default_model_paths()[0], "config.json")))
+    else:
+        cfg = ModelConfig.from_hf_dict(MODELS[args.model])
+    dtype = jnp.dtype(args.dtype or ("float32" if args.smoke else "bfloat16"))
     lm = create_lm(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(lm)
     heads = {kind: nnx.split(MedusaHeads.for_model(lm, 4, 1, shared_lm_head=kind == "shared", rngs=nnx.Rngs(1)))
@@ -194,10 +203,10 @@ def main() -> None:
 
 
 def save(result: dict, out: str) -> None:
+    from jaxmedusa.atomic import write_json
+
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(out + ".tmp", out)
+    write_json(out, result, indent=2)
 
 
 def print_table(result: dict) -> None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -171,8 +172,21 @@ def generate(model: Model, prompts, *, max_new_tokens: int = 128, temperature: f
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)
-    with sharding.active(model.mesh):  # tensor-parallel models trace their attention per device
+    with traced_calls(model):
         return _generate(model, run, seed, max_new_tokens, temperature, top_p, attn_impl)
+
+
+@contextlib.contextmanager
+def traced_calls(model: Model) -> Iterator[None]:
+    """What generate()'s and stream()'s jitted calls trace under: the model's mesh (tensor-parallel models
+    trace their attention per device), and for a float32 model true float32 products. JAX's default lets a
+    GPU round float32 GEMM and Pallas dot inputs to TF32; that ~1e-3 noise differs between the verify step's
+    kernels and a decode step's, and flipped greedy near-ties of the default model on an H200."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sharding.active(model.mesh))
+        if jnp.dtype(model.dtype) == jnp.float32:
+            stack.enter_context(jax.default_matmul_precision("highest"))
+        yield
 
 
 def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, temperature: float, top_p: float,
@@ -305,10 +319,7 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)
-    def on_mesh():  # entered around each traced call, never across a yield
-        return sharding.active(model.mesh)
-
-    with on_mesh():
+    with traced_calls(model):  # around each traced call, never across a yield
         cache, hidden, _ = _run_prefill(run, attn_impl)
     b = len(run.ids)
     done = jnp.zeros((b,), bool)
@@ -318,11 +329,11 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
         heads_graphdef, heads_state = model.split_heads()
         static = dict(graphdef=run.graphdef, heads_graphdef=heads_graphdef, tree=run.tree, acceptance=run.acceptance,
                       use_top_p=use_top_p)
-        with on_mesh():
+        with traced_calls(model):
             s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
         n = jnp.zeros((b,), jnp.int32)
         while not bool(jnp.all(done)):
-            with on_mesh():
+            with traced_calls(model):
                 s, tokens, take, n, done = medusa_stream_step(run.state, heads_state, s, n, done, run.eos,
                                                               run.params, max_new_tokens=max_new_tokens,
                                                               attn_impl=attn_impl, **static)
@@ -331,7 +342,7 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
     else:
         for _ in range(max_new_tokens):
             was_done = np.asarray(done)
-            with on_mesh():
+            with traced_calls(model):
                 cache, hidden, key, tok, done = vanilla_stream_step(
                     run.state, cache, hidden, key, done, run.eos, run.params.temperature, run.params.top_p,
                     graphdef=run.graphdef, greedy=temperature == 0.0,

@@ -37,6 +37,7 @@ def test_load_without_a_path_brings_heads_tree_and_tokenizer(model):
         open(os.path.join(DEFAULT_MODEL_DIR, "build.json")))["tree_nodes"]
     ids = model.tokenizer("def fibonacci(n):")["input_ids"]
     assert ids[0] == model.config.bos_token_id and model.tokenizer.decode(ids[1:]) == "def fibonacci(n):"
+    assert model.dtype == np.float32
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(DEFAULT_MODEL_DIR) for f in fs)
     assert size <= 30_000_000  # the limit on what the package ships
 
@@ -84,3 +85,14 @@ def test_cli_generate_uses_the_embedded_model(capsys):
     assert "speedup" in stats[1] and "identical tokens" in stats[1]
     runs = int(re.search(r"median of (\d+) runs of each, ([\d.]+)\.\.([\d.]+)\)", stats[1]).group(1))
     assert runs >= COMPARE_MIN_RUNS  # a median over several timed runs of each side, with its spread
+
+
+def test_embedded_model_defaults_to_float32_on_every_backend(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmedusa.loading import default_dtype
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert default_dtype("float16") == jnp.float16 and default_dtype("bfloat16") == jnp.bfloat16
+    assert default_dtype("float16", embedded=True) == jnp.float32

@@ -219,3 +219,24 @@ def test_stream_chunks_equal_generate(model, kw):
     got = [sum((c[i] for c in chunks), []) for i in range(2)]
     assert got == want
     assert len(chunks) >= 1 and all(len(c) == 2 for c in chunks)
+
+
+def test_float32_models_trace_true_float32_products(model):
+    """generate() and stream() trace a float32 model's products at HIGHEST precision (no TF32 on a GPU, whose
+    rounding differs between the verify and decode kernels); other dtypes keep JAX's default."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmedusa.generate import traced_calls
+
+    def product_jaxpr():
+        return str(jax.make_jaxpr(lambda x: x @ x)(jnp.ones((2, 2), jnp.float32)))
+
+    assert model.dtype == jnp.float32
+    with traced_calls(model):
+        assert "HIGHEST" in product_jaxpr()
+    assert "HIGHEST" not in product_jaxpr()
+    from jaxmedusa.models import create_lm
+
+    with traced_calls(jaxmedusa.Model(create_lm(model.config, dtype=jnp.bfloat16))):
+        assert "HIGHEST" not in product_jaxpr()
