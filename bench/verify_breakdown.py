@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 32, 64])
     ap.add_argument("--heads", choices=["own", "shared"], nargs="+", default=["own", "shared"],
                     help="Medusa-1 heads with their own vocab projections, and/or heads sharing the lm_head")
+    ap.add_argument("--precision", choices=["default", "highest"], default="default",
+                    help="float32 products: JAX's default (TF32 on a GPU) or true float32, as generate() runs a "
+                         "float32 model")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
@@ -131,7 +134,8 @@ def main() -> None:
     params = AcceptanceParams(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.09), jnp.float32(0.3))
     rows = []
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
-                  model=args.model, dtype=str(jnp.dtype(dtype)), steps=n,
+                  model=args.model, dtype=str(jnp.dtype(dtype)), steps=n, precision=args.precision,
+                  attention=os.environ.get("JAXMEDUSA_ATTENTION", "auto"),
                   gemm=os.environ.get("JAXMEDUSA_GEMM", "auto"))
     out = args.out or os.path.join(HERE, "results", f"verify-breakdown-{result['date']}-"
                                                     f"{result['device'].replace(' ', '_')}.json")
@@ -154,7 +158,8 @@ def main() -> None:
                         fn, fargs = medusa_loop, (state, hs, c, hidden, key, eos, params)
                         static = dict(graphdef=graphdef, heads_graphdef=hg, tree=build_tree(tree_of_size(t), num_heads=4),
                                       max_new_tokens=n, acceptance="greedy", use_top_p=False)
-                    compiled = fn.lower(*fargs, **static).compile()
+                    with jax.default_matmul_precision(args.precision):
+                        compiled = fn.lower(*fargs, **static).compile()
                     scopes = scope_map(compiled.as_text())
 
                     def run(cache_in):

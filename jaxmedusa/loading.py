@@ -66,12 +66,9 @@ class Model:
         return self._heads_split[1]
 
 
-def default_dtype(checkpoint_dtype: str | None, *, embedded: bool = False):
-    """float32 on CPU (bf16 matmuls are slow there) and for the embedded default model everywhere (13.8M
-    parameters: float32 costs a GPU nothing there, and keeps greedy Medusa token-identical to vanilla, which
-    the verify step's other GEMM and attention kernels break at near-ties in float16); on accelerators
-    otherwise the checkpoint's dtype."""
-    if embedded or jax.default_backend() == "cpu" or not checkpoint_dtype:
+def default_dtype(checkpoint_dtype: str | None):
+    """float32 on CPU (bf16 matmuls are slow there); on accelerators the checkpoint's dtype."""
+    if jax.default_backend() == "cpu" or not checkpoint_dtype:
         return jnp.float32
     return {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(checkpoint_dtype), jnp.float32)
 
@@ -207,16 +204,15 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
     heads: a Medusa heads-only directory (medusa_lm_head.safetensors/.pt + config.json). A full Medusa-2
     directory (medusa_head.* tensors inside the model weights) brings its heads without this argument.
     A `medusa_choices` list in the heads' config becomes the model's default tree.
-    dtype: parameter/compute dtype; None means float32 on CPU and for the embedded default model, and the
-    checkpoint's dtype elsewhere.
+    dtype: parameter/compute dtype; None means float32 on CPU and the checkpoint's dtype elsewhere. A float32
+    model multiplies in true float32 under generate() (no TF32 on a GPU).
     mesh: tensor parallelism, a device count or a jax Mesh with a `tensor` axis (sharding.tensor_mesh): each
     parameter is loaded straight into its shards, and generate() runs split across the devices.
     max_len: the most KV-cache slots a sequence may use (prompt + generated tokens + one tree); None: the
     model's max_position_embeddings (capped by a sliding window). Each request's cache is sized to what it
     needs (rounded up to a bucket), so a large max_len costs nothing until a request uses it.
     """
-    embedded = path is None
-    if embedded:
+    if path is None:
         path, default_heads = default_model_paths()
         heads = default_heads if heads is None else heads
     model_dir = resolve_dir(path, revision=revision)
@@ -231,8 +227,7 @@ def load(path: str | os.PathLike | None = None, *, heads: str | os.PathLike | No
         raise ConfigError(f"max_len {max_len} exceeds the OPT model's max_position_embeddings "
                           f"{cfg.max_position_embeddings} (its learned positions end there)")
     raw = read_json_object(os.path.join(model_dir, "config.json"))
-    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype(raw.get("torch_dtype") or raw.get("dtype"),
-                                                                       embedded=embedded)
+    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype(raw.get("torch_dtype") or raw.get("dtype"))
     embedded: dict[str, np.ndarray] = {}
 
     def claim(key: str, arr) -> bool:  # Medusa-2 checkpoints keep their heads beside the model weights

@@ -86,13 +86,3 @@ def test_cli_generate_uses_the_embedded_model(capsys):
     runs = int(re.search(r"median of (\d+) runs of each, ([\d.]+)\.\.([\d.]+)\)", stats[1]).group(1))
     assert runs >= COMPARE_MIN_RUNS  # a median over several timed runs of each side, with its spread
 
-
-def test_embedded_model_defaults_to_float32_on_every_backend(monkeypatch):
-    import jax
-    import jax.numpy as jnp
-
-    from jaxmedusa.loading import default_dtype
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert default_dtype("float16") == jnp.float16 and default_dtype("bfloat16") == jnp.bfloat16
-    assert default_dtype("float16", embedded=True) == jnp.float32
