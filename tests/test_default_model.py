@@ -85,4 +85,3 @@ def test_cli_generate_uses_the_embedded_model(capsys):
     assert "speedup" in stats[1] and "identical tokens" in stats[1]
     runs = int(re.search(r"median of (\d+) runs of each, ([\d.]+)\.\.([\d.]+)\)", stats[1]).group(1))
     assert runs >= COMPARE_MIN_RUNS  # a median over several timed runs of each side, with its spread
-

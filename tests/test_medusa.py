@@ -228,6 +228,7 @@ def test_float32_models_trace_true_float32_products(model):
     import jax.numpy as jnp
 
     from jaxmedusa.generate import traced_calls
+    from jaxmedusa.models import create_lm
 
     def product_jaxpr():
         return str(jax.make_jaxpr(lambda x: x @ x)(jnp.ones((2, 2), jnp.float32)))
@@ -236,7 +237,5 @@ def test_float32_models_trace_true_float32_products(model):
     with traced_calls(model):
         assert "HIGHEST" in product_jaxpr()
     assert "HIGHEST" not in product_jaxpr()
-    from jaxmedusa.models import create_lm
-
     with traced_calls(jaxmedusa.Model(create_lm(model.config, dtype=jnp.bfloat16))):
         assert "HIGHEST" not in product_jaxpr()
