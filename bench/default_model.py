@@ -188,10 +188,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N shipped prompts")
     ap.add_argument("--sweep", action="store_true", help="also time trees of other sizes grown from accuracies")
     ap.add_argument("--sweep-sizes", type=int, nargs="+", default=[2, 4, 8, 12, 16, 24, 32, 48, 64])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="default: load()'s (float32 on CPU, the checkpoint's fp16 on a GPU)")
     ap.add_argument("--out", default=None, help="also merge the results into this JSON file")
     args = ap.parse_args()
 
-    model = jaxmedusa.load()
+    model = jaxmedusa.load(dtype=args.dtype)
     with open(os.path.join(DEFAULT_MODEL_DIR, "heldout_prompts.json")) as f:
         prompts = json.load(f)[:args.limit]
     with open(os.path.join(DEFAULT_MODEL_DIR, "build.json")) as f:
@@ -204,7 +206,8 @@ def main() -> None:
             trees[f"grown-{size}"] = grow_tree(acc, size)[0]
 
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
-                  prompts=len(prompts), max_new_tokens=args.max_new_tokens, max_len=model.max_len)
+                  dtype=jnp.dtype(model.dtype).name, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                  max_len=model.max_len)
     for key, path in (("heldout", args.heldout), ("heldout_deps", args.heldout_deps)):
         if path:
             result[key] = heldout_loss(model, path)
@@ -223,7 +226,8 @@ def main() -> None:
         print(f"{r['kind']:>14} {r.get('tree_nodes', 1):>6} {r['tokens_per_second']:>9.1f} "
               f"{r.get('mean_accepted_tokens_per_step', 1.0):>14.3f} {r.get('speedup', 1.0):>7.2f}x {spread:>11} "
               f"{'yes' if not r.get('differing') else str(len(r['differing'])) + ' differ':>10}")
-    name = f"default_model{'-sweep' if args.sweep else ''}-{result['date']}-{device_name().replace(' ', '_')}.json"
+    name = (f"default_model{'-sweep' if args.sweep else ''}{'-' + args.dtype if args.dtype else ''}-{result['date']}-"
+            f"{device_name().replace(' ', '_')}.json")
     outs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)] + ([args.out] if args.out else [])
     for out in outs:
         merged = {}

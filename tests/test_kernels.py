@@ -182,6 +182,32 @@ def test_dispatcher_routes_and_validates(monkeypatch):
         attention(q, k, v, lengths, one)
 
 
+
+def test_auto_attention_keeps_exact_float32_on_xla(monkeypatch):
+    """On a GPU, "auto" sends float32 queries traced under true float32 products (as generate() traces a float32
+    model) to the XLA reference; otherwise, and for half precision, to the Pallas kernels."""
+    from jaxmedusa.kernels import dispatch
+
+    called = []
+
+    def kernel_spy(q, *args, **kwargs):
+        called.append(q.dtype)
+        return jnp.zeros_like(q)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(dispatch.attention_pallas, "tree_attention", kernel_spy)
+    rng = np.random.default_rng()
+    q, k, v = random_inputs(rng, 2, 64, 4, 2, 64, jnp.float32, t=4)
+    lengths, mask = jnp.array([10, 40], jnp.int32), jnp.tril(jnp.ones((4, 4), bool))
+    with jax.default_matmul_precision("highest"):
+        got = attention(q, k, v, lengths, mask)
+        attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), lengths, mask)
+    assert called == [jnp.bfloat16]
+    np.testing.assert_allclose(got, attention(q, k, v, lengths, mask, impl="reference"), atol=1e-6)
+    with jax.default_matmul_precision("default"):  # JAX's default (this module's tests run at "highest")
+        attention(q, k, v, lengths, mask)
+    assert called == [jnp.bfloat16, jnp.float32]
+
 def test_model_logits_with_kernels_equal_reference_path():
     from conftest import random_lm
     from jaxmedusa.cache import KVCache
