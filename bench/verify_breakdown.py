@@ -85,8 +85,8 @@ def family_of(name: str, hlo_op: str | None, scopes: dict[str, str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama2-7b", help="a bench/e2e.py shape name, or `default`: the shapes "
-                                                                     "of the embedded default model's config")
+    ap.add_argument("--model", default="llama2-7b",
+                    help="a bench/e2e.py shape name, or `default`: the embedded default model's config")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                     help="default: bfloat16 (float32 with --smoke)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])

@@ -60,8 +60,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
     over an empty cache goes to prefill_attention instead, which never reads the cache.
     """
     chosen = resolve_impl(impl)
-    if (chosen == "pallas" and not impl and not os.environ.get(ENV_VAR) and q.dtype == jnp.float32
-            and exact_float32_products()):
+    asked = impl or os.environ.get(ENV_VAR) or "auto"
+    if chosen == "pallas" and asked == "auto" and q.dtype == jnp.float32 and exact_float32_products():
         chosen = "reference"
     t = q.shape[1]
     if chosen in ("pallas", "interpret") and not kernel_supports(q.shape[-1]):

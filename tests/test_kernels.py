@@ -201,6 +201,8 @@ def test_auto_attention_keeps_exact_float32_on_xla(monkeypatch):
     lengths, mask = jnp.array([10, 40], jnp.int32), jnp.tril(jnp.ones((4, 4), bool))
     with jax.default_matmul_precision("highest"):
         got = attention(q, k, v, lengths, mask)
+        assert not called
+        attention(q, k, v, lengths, mask, impl="auto")  # asked for by name: the same rule
         attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), lengths, mask)
     assert called == [jnp.bfloat16]
     np.testing.assert_allclose(got, attention(q, k, v, lengths, mask, impl="reference"), atol=1e-6)
