@@ -117,14 +117,16 @@ def test_rejection_sampling_is_lossless():
     for t in res.tokens:
         counts[t[0], t[1]] += 1
 
-    def next_probs(seq):
-        t = len(seq)
-        cache = KVCache.create(lm.config, 1, t)
-        h, _ = lm(jnp.asarray([seq]), jnp.arange(t)[None], cache, jnp.tril(jnp.ones((t, t), bool)), prefill=True)
-        return np.asarray(jax.nn.softmax(lm.logits(h)[0, -1]), np.float64)
-
-    p1 = next_probs(prompt)
-    expected = np.array([[p1[a] * next_probs(prompt + [a])[b] for b in range(vocab)] for a in range(vocab)]) * n
+    # the base model's next-token probabilities after the prompt and after prompt + [a], for every a, in one
+    # forward pass over the vocab-many continuations (row a's last two positions)
+    seqs = jnp.asarray([prompt + [a] for a in range(vocab)])
+    t = seqs.shape[1]
+    cache = KVCache.create(lm.config, vocab, t)
+    h, _ = lm(seqs, jnp.broadcast_to(jnp.arange(t), seqs.shape), cache, jnp.tril(jnp.ones((t, t), bool)),
+              prefill=True)
+    probs = np.asarray(jax.nn.softmax(lm.logits(h[:, -2:]), axis=-1), np.float64)  # [a, position, b]
+    p1, p2 = probs[0, 0], probs[:, 1]
+    expected = p1[:, None] * p2 * n
     keep = expected > 5  # chi-square needs expected counts >= 5; pool the rest into one cell
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
     rest_e, rest_o = expected[~keep].sum(), counts[~keep].sum()
