@@ -170,10 +170,11 @@ def run_prompts(model, prompts, max_new_tokens: int, trees: dict, repeats: int =
                    tokens_per_second=float(np.median(tps)))
         if k != "vanilla":
             speedups = [vs / ms for ms, vs in zip(a["seconds"], v["seconds"])]  # same tokens, per round
+            differing = first_differences(a["outputs"], v["outputs"])
             row.update(tree_nodes=a["tree_nodes"], mean_accepted_tokens_per_step=a["emitted"] / a["steps"],
                        speedup=float(np.median(speedups)), speedup_min=min(speedups), speedup_max=max(speedups),
-                       speedups=[round(x, 4) for x in speedups], identical_to_vanilla=a["outputs"] == v["outputs"],
-                       differing=first_differences(a["outputs"], v["outputs"]))
+                       speedups=[round(x, 4) for x in speedups], identical_to_vanilla=not differing,
+                       differing=differing)
         rows.append(row)
     return {"rows": rows, "repeats": repeats}
 

@@ -35,13 +35,17 @@ PREFILL_IMPLS = ("auto", "cudnn", "blockwise")
 PREFILL_ENV_VAR = "JAXMEDUSA_PREFILL"
 
 
-def resolve_impl(impl: str | None = None) -> str:
-    """Returns the implementation to use: explicit argument, then the environment variable, then auto."""
+def resolve_impl(impl: str | None = None, dtype=None) -> str:
+    """Returns the implementation to use: explicit argument, then the environment variable, then auto
+    (which, given the queries' dtype, keeps float32 traced under true float32 products on XLA)."""
     choice = impl or os.environ.get(ENV_VAR) or "auto"
     if choice not in IMPLS:
         raise ValueError(f"attention impl {choice!r} ({ENV_VAR} or impl=) is not one of {', '.join(IMPLS)}")
     if choice == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        if jax.default_backend() != "gpu":
+            return "reference"
+        exact_f32 = dtype is not None and jnp.dtype(dtype) == jnp.float32 and exact_float32_products()
+        return "reference" if exact_f32 else "pallas"
     return choice
 
 
@@ -59,10 +63,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
     cache [L, B, S, KVH, D] and the kernels read that layer in place (no per-call copy of it). A prompt
     over an empty cache goes to prefill_attention instead, which never reads the cache.
     """
-    chosen = resolve_impl(impl)
-    asked = impl or os.environ.get(ENV_VAR) or "auto"
-    if chosen == "pallas" and asked == "auto" and q.dtype == jnp.float32 and exact_float32_products():
-        chosen = "reference"
+    chosen = resolve_impl(impl, q.dtype)
     t = q.shape[1]
     if chosen in ("pallas", "interpret") and not kernel_supports(q.shape[-1]):
         if impl or os.environ.get(ENV_VAR):
