@@ -2,6 +2,7 @@
 
     python bench/tune_tree.py                  # (block_m, block_k, num_warps)
     python bench/tune_tree.py --sweep splits   # num_splits (auto first) at the default blocks
+    python bench/tune_tree.py --sweep layers   # (splits, block_k, stages) over a stacked 32-layer cache
 
 Prints microseconds per call for each setting and the decode-attention time on the same cache; writes
 bench/results/tune_tree[-splits]-DATE-DEVICE.json.
@@ -12,13 +13,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from jaxmedusa.atomic import write_json
 from jaxmedusa.kernels import attention_pallas as ap
 
 from attention import device_name, random_tree_mask, time_op  # bench/attention.py beside this file
@@ -48,13 +51,65 @@ def sweep_splits(rng, h: int, d: int) -> list[dict]:
     return rows
 
 
+LAYER_SHAPES = ((1, 1024, 32, 1), (1, 1024, 32, 64), (1, 1024, 8, 64), (1, 1024, 8, 1))
+
+
+def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10) -> list[dict]:
+    """Attention as the model runs it: one call per layer, each on its own [B, S, KVH, D] cache, so every
+    layer's K/V comes from HBM (a 1k-slot 7B cache is 0.5 GB, ten times the L2), not from the L2 that a
+    one-layer microbenchmark keeps hitting. (Separate arrays rather than the model's stacked cache read with
+    layer=l: one kernel to compile per setting instead of one per layer.) Microseconds per layer, the query
+    pad and the merge included."""
+    rows = []
+    for b, s, kvh, t in LAYER_SHAPES:
+        shape = (b, s, kvh, d)
+        ks = [jax.random.normal(jax.random.key(2 * i), shape, jnp.bfloat16) for i in range(layers)]
+        vs = [jax.random.normal(jax.random.key(2 * i + 1), shape, jnp.bfloat16) for i in range(layers)]
+        q0 = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
+        mask = jnp.asarray(random_tree_mask(t, rng))
+        lens = jnp.full((b,), s - t - 1, jnp.int32)
+        for ns, bk, st in itertools.product((None, 2, 4, 8, 16), (64, 128), (2, 3)):
+            kw = dict(num_splits=ns, block_k=bk, num_stages=st)
+
+            def one(q, k_, v_, ln, kw=kw):
+                if t == 1:
+                    return ap.decode_attention(q[:, 0], k_, v_, ln + 1, **kw)[:, None]
+                return ap.tree_attention(q, k_, v_, ln, mask, **kw)
+
+            @jax.jit
+            def run(q, ks_, vs_, ln):
+                def body(_, q):
+                    for k_, v_ in zip(ks_, vs_):
+                        q = q + (one(q, k_, v_, ln) * 1e-6).astype(q.dtype)
+                    return q
+                return lax.fori_loop(0, iters, body, q)
+
+            try:
+                jax.block_until_ready(run(q0, ks, vs, lens))
+            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported
+                print(f"b={b} s={s} kvh={kvh} t={t} {kw}: failed {str(e)[:80]}")
+                continue
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(q0, ks, vs, lens))
+                best = min(best, time.perf_counter() - t0)
+            us = best / (iters * layers) * 1e6
+            rows.append(dict(b=b, s=s, kvh=kvh, t=t, num_splits=ns or "auto", block_k=bk, num_stages=st, us=us))
+            print(f"b={b} s={s:>5} kvh={kvh:>2} t={t:>3} splits={ns or 'auto'} bk={bk} stages={st}: {us:7.2f} us/layer",
+                  flush=True)
+        del ks, vs
+    return rows
+
+
 def main() -> None:
     ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap_.add_argument("--sweep", choices=["blocks", "splits"], default="blocks")
+    ap_.add_argument("--sweep", choices=["blocks", "splits", "layers"], default="blocks")
     args = ap_.parse_args()
     rng = np.random.default_rng(0)
     h, d = 32, 128
-    rows = sweep_splits(rng, h, d) if args.sweep == "splits" else []
+    rows = (sweep_splits(rng, h, d) if args.sweep == "splits" else sweep_layers(rng, h, d) if args.sweep == "layers"
+            else [])
     for b, s, kvh, t in ((1, 4096, 8, 64), (1, 16384, 8, 64), (8, 1024, 8, 64), (1, 4096, 32, 64)):
         if args.sweep != "blocks":
             break
@@ -78,9 +133,9 @@ def main() -> None:
                   f"(decode {dec * 1e6:6.1f}, ratio {sec / dec:.2f})", flush=True)
     date = datetime.date.today().isoformat()
     out = os.environ.get("OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    name = "tune_tree" + ("-splits" if args.sweep == "splits" else "")
-    with open(os.path.join(out, f"{name}-{date}-{device_name()}.json"), "w") as f:
-        json.dump(dict(date=date, device=device_name(), jax=jax.__version__, rows=rows), f, indent=1)
+    name = "tune_tree" + ("" if args.sweep == "blocks" else f"-{args.sweep}")
+    write_json(os.path.join(out, f"{name}-{date}-{device_name()}.json"),
+               dict(date=date, device=device_name(), jax=jax.__version__, rows=rows), indent=1)
 
 
 if __name__ == "__main__":

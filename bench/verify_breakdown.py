@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="also write each configuration's optimized HLO (gzipped) under DIR, to read what a fusion holds")
     args = ap.parse_args()
     if args.smoke:
         args.model, args.batch, args.prompts, args.tree_sizes, args.steps = "smoke", [2], [64], [1, 16], 4
@@ -160,7 +162,14 @@ def main() -> None:
                                       max_new_tokens=n, acceptance="greedy", use_top_p=False)
                     with jax.default_matmul_precision(args.precision):
                         compiled = fn.lower(*fargs, **static).compile()
-                    scopes = scope_map(compiled.as_text())
+                    hlo = compiled.as_text()
+                    scopes = scope_map(hlo)
+                    if args.dump:
+                        import gzip
+                        from jaxmedusa.atomic import atomic_open
+                        os.makedirs(args.dump, exist_ok=True)
+                        with atomic_open(os.path.join(args.dump, f"hlo-b{b}-p{p}-t{t}-{kind}.txt.gz"), "wb") as f:
+                            f.write(gzip.compress(hlo.encode()))
 
                     def run(cache_in):
                         a = (fargs[0], cache_in) + fargs[2:] if t == 1 else fargs[:2] + (cache_in,) + fargs[3:]
@@ -184,16 +193,21 @@ def main() -> None:
                     cache = c
                     events, lines = kernel_events(trace_dir)
                     fam = collections.Counter()
-                    top = collections.Counter()
+                    groups = collections.Counter()  # (family, kernel): XLA reuses one kernel for identical fusions
+                    group_calls = collections.Counter()
+                    group_op = {}
                     for name, ns, hlo_op in events:
                         f = family_of(name, hlo_op, scopes)
                         fam[f] += ns / 1e6 / steps
-                        top[(f, name)] += ns / 1e6 / steps
+                        groups[(f, name)] += ns / 1e6 / steps
+                        group_calls[(f, name)] += 1 / steps
+                        group_op.setdefault((f, name), hlo_op or "")
                     step_ms = best / steps * 1e3
                     busy = sum(fam.values())
                     row = dict(batch=b, prompt=p, tree_nodes=t, heads=kind, step_ms=step_ms, kernel_ms=busy,
                                idle_ms=max(0.0, step_ms - busy), families=dict(fam),
-                               top_kernels=[dict(family=f, kernel=k, ms=v) for (f, k), v in top.most_common(25)],
+                               kernels=[dict(family=f, kernel=k, ms=v, calls=group_calls[(f, k)], hlo_op=group_op[(f, k)])
+                                        for (f, k), v in groups.most_common(80)],
                                kernels_per_step=len(events) / steps, trace_lines=sorted(set(lines))[:20],
                                attributed_by_hlo_op=sum(1 for e in events if e[2]) / max(1, len(events)))
                     rows.append(row)
