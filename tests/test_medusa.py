@@ -146,10 +146,15 @@ def test_top_k_indices_equal_lax_top_k_with_ties(method):
 
     from jaxmedusa.medusa import top_k_indices
 
-    x = np.random.default_rng().integers(-30, 30, size=(3, 2, 2500)).astype(np.float32)  # ~40 ties per value
+    rng = np.random.default_rng()
+    x = rng.integers(-30, 30, size=(3, 2, 2500)).astype(np.float32)  # ~40 ties per value
     for k in (1, 3, 8):
         got = jax.jit(top_k_indices, static_argnums=(1, 2))(jnp.asarray(x), k, method)
         np.testing.assert_array_equal(got, jax.lax.top_k(x, k)[1])
+    # a row long enough that the chunked method's second stage (157 chunks x 10) is chunked again
+    x = rng.integers(-300, 300, size=(2, 20000)).astype(np.float32)
+    got = jax.jit(top_k_indices, static_argnums=(1, 2))(jnp.asarray(x), 10, method)
+    np.testing.assert_array_equal(got, jax.lax.top_k(x, 10)[1])
 
 
 def test_tree_buffers_for_published_tree():
