@@ -2,10 +2,10 @@
 
     python bench/tune_tree.py                  # (block_m, block_k, num_warps)
     python bench/tune_tree.py --sweep splits   # num_splits (auto first) at the default blocks
-    python bench/tune_tree.py --sweep layers   # (splits, block_k, stages) over a stacked 32-layer cache
+    python bench/tune_tree.py --sweep layers   # (splits, block_k, stages) over 32 layers' caches, as a model
 
 Prints microseconds per call for each setting and the decode-attention time on the same cache; writes
-bench/results/tune_tree[-splits]-DATE-DEVICE.json.
+bench/results/tune_tree[-splits|-layers]-DATE-DEVICE.json.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ the device time of every kernel by op family. A kernel's family comes from the n
 instruction was traced under (jax.named_scope in the model and the Medusa step: qkv_proj, rope,
 kv_write, attention, o_proj, mlp, norm, lm_head, sampling, candidates, acceptance, compaction, heads);
 "other" is everything outside those scopes (loop bookkeeping), and "idle" is the step time no kernel
-covers (launch gaps, the while loop's host round trip). Writes bench/results/verify-breakdown-DATE-DEVICE.json.
+covers (launch gaps, the while loop's host round trip). Each row also lists its kernels with their calls per
+step (XLA reuses one kernel for identical fusions, so a name can cover every layer); `--dump DIR` writes the
+optimized HLO of each configuration, to read what a fusion holds. Writes
+bench/results/verify-breakdown-DATE-DEVICE.json.
 """
 
 from __future__ import annotations

@@ -74,8 +74,9 @@ def top_k_indices(x: jax.Array, k: int, method: str | None = None) -> jax.Array:
     4 heads' rows on an H100). Splitting each row into chunks of TOP_K_CHUNK, taking every chunk's top k,
     then the top k of those keeps the result (and its tie order: chunk-major, stable within a chunk) and
     spreads the work over many blocks; the second stage recurses while its row is still long (4 heads'
-    rows of 250 chunks x 10 went to XLA's one-block-per-row kernel: 67 us of an H200 verify step). CPU: for small k, k passes of argmax (first index of the maximum),
-    each masking the index it took. `method` ("argmax", "chunked", "xla") overrides the choice (tests).
+    rows of 250 chunks x 10 went to XLA's one-block-per-row kernel: 67 us of an H200 verify step).
+    CPU: for small k, k passes of argmax (first index of the maximum), each masking the index it took.
+    `method` ("argmax", "chunked", "xla") overrides the choice (tests).
     """
     v = x.shape[-1]
     if method is None:
