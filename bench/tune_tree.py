@@ -105,11 +105,14 @@ def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10) -> list
 def main() -> None:
     ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap_.add_argument("--sweep", choices=["blocks", "splits", "layers"], default="blocks")
+    ap_.add_argument("--repeats", type=int, default=1, help="run the layers sweep this many times (rows carry `rep`)")
     args = ap_.parse_args()
     rng = np.random.default_rng(0)
     h, d = 32, 128
-    rows = (sweep_splits(rng, h, d) if args.sweep == "splits" else sweep_layers(rng, h, d) if args.sweep == "layers"
-            else [])
+    if args.sweep == "layers":
+        rows = [dict(r, rep=i) for i in range(args.repeats) for r in sweep_layers(rng, h, d)]
+    else:
+        rows = sweep_splits(rng, h, d) if args.sweep == "splits" else []
     for b, s, kvh, t in ((1, 4096, 8, 64), (1, 16384, 8, 64), (8, 1024, 8, 64), (1, 4096, 32, 64)):
         if args.sweep != "blocks":
             break

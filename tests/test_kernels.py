@@ -94,6 +94,22 @@ def test_tree_attention_matches_reference(t, kvh, d, unified_max):
     assert rel_err(out, ref) < 1e-5
 
 
+def test_default_tiling_per_tile_and_tree_with_defaults_matches_reference():
+    """Tree tiles of up to 64 rows take 64-slot blocks three stages deep; decode and 128-row tiles 128 / 2
+    (an H200 sweep over 32 layers' caches). The defaults give the reference's answer on ragged lengths."""
+    from jaxmedusa.kernels.attention_pallas import default_tiling
+
+    assert default_tiling(True, 16) == default_tiling(True, 64) == (64, 3)
+    assert default_tiling(True, 128) == default_tiling(False, 16) == (128, 2)
+    rng = np.random.default_rng()
+    b, s, h, kvh, d, t = 2, 300, 4, 4, 32, 9
+    lengths = np.array([s - t, 37], np.int32)
+    q, k, v = random_inputs(rng, b, s, h, kvh, d, jnp.float32, t=t, garbage_from=lengths + t)
+    mask = jnp.asarray(published_tree_mask()[:t, :t])
+    out = tree_attention(q, k, v, jnp.asarray(lengths), mask, interpret=True)
+    assert rel_err(out, tree_attention_reference(q, k, v, jnp.asarray(lengths), mask)) < 1e-5
+
+
 @pytest.mark.parametrize("t", [None, 5])
 def test_float16_scores_beyond_e11_do_not_overflow(t):
     """exp(s - 0) > 65504 for scores above ~11: float16 must not take the unified max (found on an H100 with
