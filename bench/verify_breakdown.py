@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernels", type=int, default=0, metavar="N",
+                    help="also print each configuration's N costliest kernels (ms a step, calls, us a call)")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="also write each configuration's optimized HLO (gzipped) under DIR, to read what a fusion holds")
     args = ap.parse_args()
@@ -221,6 +223,8 @@ def main() -> None:
     result["rows"] = rows
     save(result, out)
     print_table(result)
+    if args.kernels:
+        print_kernels(result, args.kernels)
     print(f"wrote {out}")
 
 
@@ -249,6 +253,20 @@ def print_table(result: dict) -> None:
                 print(f"{label:<22}" + "".join(f"{r[key]:>12.3f}" for r in group))
             if base:
                 print(f"{'ratio to vanilla':<22}" + "".join(f"{r['step_ms'] / base['step_ms']:>12.3f}" for r in group))
+
+
+def print_kernels(result: dict, n: int) -> None:
+    """The n costliest kernels of each configuration; the Pallas kernels, compiled once per layer, summed."""
+    for r in result["rows"]:
+        merged: dict = {}
+        for k in r["kernels"]:
+            name = re.sub(r"_+\d+$", "", k["kernel"]) if k["kernel"].startswith("jaxmedusa_") else k["kernel"]
+            ms, calls = merged.get((k["family"], name), (0.0, 0.0))
+            merged[(k["family"], name)] = (ms + k["ms"], calls + k["calls"])
+        print(f"\nB={r['batch']} P={r['prompt']} T={r['tree_nodes']} heads={r['heads']}: {r['step_ms']:.3f} ms/step")
+        print(f"{'family':<20}{'kernel':<48}{'ms/step':>9}{'calls':>7}{'us/call':>9}")
+        for (fam, name), (ms, calls) in sorted(merged.items(), key=lambda kv: -kv[1][0])[:n]:
+            print(f"{fam:<20}{name[:46]:<48}{ms:>9.3f}{calls:>7.1f}{ms * 1e3 / max(calls, 1e-9):>9.2f}")
 
 
 if __name__ == "__main__":
