@@ -14,7 +14,6 @@ import argparse
 import datetime
 import itertools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -76,25 +75,19 @@ def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10) -> list
                     return ap.decode_attention(q[:, 0], k_, v_, ln + 1, **kw)[:, None]
                 return ap.tree_attention(q, k_, v_, ln, mask, **kw)
 
-            @jax.jit
-            def run(q, ks_, vs_, ln):
+            def layers_loop(q, ks_, vs_, ln):
                 def body(_, q):
                     for k_, v_ in zip(ks_, vs_):
                         q = q + (one(q, k_, v_, ln) * 1e-6).astype(q.dtype)
                     return q
                 return lax.fori_loop(0, iters, body, q)
 
-            try:
-                jax.block_until_ready(run(q0, ks, vs, lens))
+            try:  # time_op: one jitted call of the loop (its own warm-up first), best of 5
+                sec = time_op(layers_loop, (q0, ks, vs, lens), 1, 5)
             except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported
                 print(f"b={b} s={s} kvh={kvh} t={t} {kw}: failed {str(e)[:80]}")
                 continue
-            best = float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                jax.block_until_ready(run(q0, ks, vs, lens))
-                best = min(best, time.perf_counter() - t0)
-            us = best / (iters * layers) * 1e6
+            us = sec / (iters * layers) * 1e6
             rows.append(dict(b=b, s=s, kvh=kvh, t=t, num_splits=ns or "auto", block_k=bk, num_stages=st, us=us))
             print(f"b={b} s={s:>5} kvh={kvh:>2} t={t:>3} splits={ns or 'auto'} bk={bk} stages={st}: {us:7.2f} us/layer",
                   flush=True)

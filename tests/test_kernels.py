@@ -198,7 +198,6 @@ def test_dispatcher_routes_and_validates(monkeypatch):
         attention(q, k, v, lengths, one)
 
 
-
 def test_auto_attention_keeps_exact_float32_on_xla(monkeypatch):
     """On a GPU, "auto" sends float32 queries traced under true float32 products (as generate() traces a float32
     model) to the XLA reference; otherwise, and for half precision, to the Pallas kernels."""
@@ -225,6 +224,7 @@ def test_auto_attention_keeps_exact_float32_on_xla(monkeypatch):
     with jax.default_matmul_precision("default"):  # JAX's default (this module's tests run at "highest")
         attention(q, k, v, lengths, mask)
     assert called == [jnp.bfloat16, jnp.float32]
+
 
 def test_model_logits_with_kernels_equal_reference_path():
     from conftest import random_lm
