@@ -6,15 +6,48 @@ import time
 from typing import Any, Callable
 
 import jax
+from flax import nnx
 
 _CACHE: dict[Any, Any] = {}
+
+
+class Hashed:
+    """A static argument of a jitted function, hashed once. jit hashes its static arguments on every call, and
+    a flax GraphDef hashes by content: ~0.3 ms on the H200's host for a 32-layer model (1.2 ms on a slow CPU),
+    paid on every generate() call and every stream() step. Equal when the values are (identity first)."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Hashed) and (other.value is self.value or
+                                              (other._hash == self._hash and other.value == self.value))
+
+    def __repr__(self) -> str:
+        return f"Hashed({self.value!r})"
+
+
+def merge(graphdef: Any, state: Any) -> Any:
+    """nnx.merge for a graphdef given as is or Hashed (what Model.split() returns)."""
+    return nnx.merge(graphdef.value if isinstance(graphdef, Hashed) else graphdef, state)
 
 
 def _signature(args) -> tuple:
     """Shapes, dtypes and shardings: the same shapes on one device and split across a mesh compile apart."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))),
-                           getattr(x, "sharding", None) if isinstance(x, jax.Array) else None) for x in leaves)
+    return treedef, tuple((x.shape, x.dtype, x.sharding) if isinstance(x, jax.Array) else
+                          (getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves)
+
+
+def cache_key(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple:
+    """What identifies one compilation: the function, its static arguments and the arguments' signature."""
+    return fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args)
 
 
 def call_compiled(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple[Any, float]:
@@ -22,7 +55,7 @@ def call_compiled(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple[An
 
     Returns (outputs, seconds spent compiling in this call, 0.0 on a cache hit).
     """
-    key = (fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args))
+    key = cache_key(fn, args, static)
     compiled = _CACHE.get(key)
     seconds = 0.0
     if compiled is None:

@@ -14,11 +14,10 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
 from .cache import KVCache
-from .compile_cache import call_compiled
+from .compile_cache import call_compiled, merge
 from .loading import Model
 from .memory import cache_bucket, check_request, clear_oom
 from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step
@@ -86,7 +85,7 @@ def pad_prompts(prompts: list[list[int]], max_len: int, new_tokens: int,
 def prefill(state, tokens: jax.Array, lens: jax.Array, *, graphdef, max_len: int, attn_impl: str | None = None):
     """Runs right-padded prompts [B, L] through a fresh cache. Returns (cache with lengths = lens, last
     prompt token's final-norm hidden [B, H])."""
-    lm = nnx.merge(graphdef, state)
+    lm = merge(graphdef, state)
     b, width = tokens.shape
     cache = KVCache.create(lm.config, b, max_len, lm.dtype)
     mesh = sharding.current_mesh()
@@ -120,7 +119,7 @@ def vanilla_step(lm, cache: KVCache, hidden, key, done, eos_ids, temperature, to
 def vanilla_stream_step(state, cache: KVCache, hidden, key, done, eos_ids, temperature, top_p, *, graphdef,
                         greedy: bool, use_top_p: bool, attn_impl=None):
     """One vanilla step for stream(): (cache, hidden, key, token [B], done)."""
-    return vanilla_step(nnx.merge(graphdef, state), cache, hidden, key, done, eos_ids, temperature, top_p,
+    return vanilla_step(merge(graphdef, state), cache, hidden, key, done, eos_ids, temperature, top_p,
                         greedy=greedy, use_top_p=use_top_p, attn_impl=attn_impl)
 
 
@@ -134,7 +133,7 @@ def decode_loop(state, cache: KVCache, hidden: jax.Array, key: jax.Array, eos_id
     Returns (tokens [B, N], counts [B], steps, cache); the cache is returned so its donated buffers are
     updated in place and a caller may continue from it.
     """
-    lm = nnx.merge(graphdef, state)
+    lm = merge(graphdef, state)
     b = cache.batch
     out0 = jnp.zeros((b, max_new_tokens), jnp.int32)
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from .atomic import atomic_open, read_json_object, write_json
 from .checkpoint import CheckpointError, export_params, is_weight_file, read_params, save_tensors, weight_files
+from .compile_cache import Hashed
 from .heads_io import configured_layers, configured_tree, heads_from_state_dict, read_heads_tensors
 from . import sharding
 from .models import CausalLM, ConfigError, ModelConfig, abstract_lm, normalize_key, optional_keys, param_table
@@ -54,15 +55,18 @@ class Model:
         return self.lm.dtype
 
     def split(self):
-        """(graphdef, state), computed once: jitted functions take the state as an argument."""
+        """(graphdef, state), computed once: jitted functions take the state as an argument and the graphdef,
+        hashed once (compile_cache.Hashed), as a static one."""
         if self._split is None:
-            self._split = nnx.split(self.lm)
+            graphdef, state = nnx.split(self.lm)
+            self._split = (Hashed(graphdef), state)
         return self._split
 
     def split_heads(self):
-        """(graphdef, state) of the Medusa heads, computed once per heads object."""
+        """(graphdef, state) of the Medusa heads, computed once per heads object; the graphdef Hashed too."""
         if self._heads_split is None or self._heads_split[0] is not self.heads:
-            self._heads_split = (self.heads, nnx.split(self.heads))
+            graphdef, state = nnx.split(self.heads)
+            self._heads_split = (self.heads, (Hashed(graphdef), state))
         return self._heads_split[1]
 
 

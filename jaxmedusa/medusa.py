@@ -24,8 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from .compile_cache import merge
 from .cache import KVCache
 from .sampling import filtered_logits
 from .tree import TreeBuffers
@@ -265,7 +265,7 @@ _STEP_STATIC = ("graphdef", "heads_graphdef", "tree", "acceptance", "use_top_p",
 def medusa_start(state, heads_state, cache: KVCache, hidden, key, params: AcceptanceParams, *, graphdef,
                  heads_graphdef, tree: TreeBuffers, acceptance: str, use_top_p: bool) -> StepState:
     """initial_state() as its own jitted function, for stream()."""
-    return initial_state(nnx.merge(graphdef, state), nnx.merge(heads_graphdef, heads_state), tree, cache, hidden,
+    return initial_state(merge(graphdef, state), merge(heads_graphdef, heads_state), tree, cache, hidden,
                          key, params, acceptance=acceptance, use_top_p=use_top_p)
 
 
@@ -274,8 +274,8 @@ def medusa_stream_step(state, heads_state, s: StepState, n, done, eos_ids, param
                        heads_graphdef, tree: TreeBuffers, max_new_tokens: int, acceptance: str, use_top_p: bool,
                        attn_impl=None):
     """One Medusa step for stream(): (state, tokens [B, D + 1], take [B], n [B], done [B])."""
-    lm = nnx.merge(graphdef, state)
-    heads = nnx.merge(heads_graphdef, heads_state)
+    lm = merge(graphdef, state)
+    heads = merge(heads_graphdef, heads_state)
     s, emitted, _ = medusa_step(lm, heads, tree, s, params, ~done, acceptance=acceptance, use_top_p=use_top_p,
                                 attn_impl=attn_impl)
     take, n, done = commit_emitted(emitted, ~done, n, done, eos_ids, max_new_tokens)
@@ -298,8 +298,8 @@ def medusa_loop(state, heads_state, cache: KVCache, hidden, key, eos_ids, params
 
     Returns (tokens [B, max_new_tokens], counts [B], LoopStats, cache).
     """
-    lm = nnx.merge(graphdef, state)
-    heads = nnx.merge(heads_graphdef, heads_state)
+    lm = merge(graphdef, state)
+    heads = merge(heads_graphdef, heads_state)
     b = cache.batch
     width = tree.max_depth + 1
     s0 = initial_state(lm, heads, tree, cache, hidden, key, params, acceptance=acceptance, use_top_p=use_top_p)

@@ -1,0 +1,92 @@
+"""The compile cache and static arguments: compile once per signature, hash a GraphDef once per model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxmedusa
+from jaxmedusa.compile_cache import Hashed, cache_key, call_compiled, merge
+from jaxmedusa.generate import vanilla_stream_step
+
+from conftest import random_heads, random_lm
+
+
+class CountingHash:
+    """A static value that counts how often it is hashed."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.hashes = name, 0
+
+    def __hash__(self) -> int:
+        self.hashes += 1
+        return hash(self.name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CountingHash) and other.name == self.name
+
+
+def test_hashed_hashes_once_and_compares_by_value():
+    v = CountingHash("a")
+    h = Hashed(v)
+    for _ in range(5):
+        hash(h)
+    assert v.hashes == 1
+    assert h == Hashed(v) and h == Hashed(CountingHash("a"))  # by identity, then by content
+    assert h != Hashed(CountingHash("b")) and h != v  # never equal to the bare value
+
+
+def test_hashed_static_argument_hits_jits_cache_without_rehashing():
+    v = CountingHash("scale")
+
+    f = jax.jit(lambda x, s: x * 2, static_argnums=1)
+    h = Hashed(v)
+    x = jnp.arange(3.0)
+    for _ in range(4):
+        np.testing.assert_array_equal(f(x, h), 2 * np.arange(3.0))
+    assert v.hashes == 1 and f._cache_size() == 1
+    f(x, Hashed(CountingHash("scale")))  # an equal value from elsewhere reuses the compilation
+    assert f._cache_size() == 1
+
+
+def test_model_split_graphdef_is_hashed_and_merges():
+    lm = random_lm(seed=2)
+    model = jaxmedusa.Model(lm, heads=random_heads(lm, num_heads=2))
+    graphdef, state = model.split()
+    assert isinstance(graphdef, Hashed) and model.split()[0] is graphdef
+    heads_graphdef, heads_state = model.split_heads()
+    assert isinstance(heads_graphdef, Hashed)
+    plain_graphdef, plain_state = nnx.split(lm)
+    assert merge(graphdef, state).config == merge(plain_graphdef, plain_state).config
+    assert isinstance(merge(heads_graphdef, heads_state), type(model.heads))
+
+
+def test_call_compiled_compiles_once_per_signature():
+    fn = jax.jit(lambda x, *, k: x * k, static_argnames=("k",))
+    x32 = jnp.ones((4,), jnp.float32)
+    (out, first) = call_compiled(fn, (x32,), dict(k=3))
+    (out2, again) = call_compiled(fn, (x32 + 1,), dict(k=3))
+    assert first > 0 and again == 0.0
+    np.testing.assert_array_equal(out2, np.full(4, 6.0))
+    _, other_dtype = call_compiled(fn, (x32.astype(jnp.bfloat16),), dict(k=3))
+    _, other_shape = call_compiled(fn, (jnp.ones((5,), jnp.float32),), dict(k=3))
+    _, other_static = call_compiled(fn, (x32,), dict(k=4))
+    assert other_dtype > 0 and other_shape > 0 and other_static > 0
+    assert cache_key(fn, (x32,), dict(k=3)) == cache_key(fn, (x32 * 0,), dict(k=3))
+    assert cache_key(fn, (x32,), dict(k=3)) != cache_key(fn, (np.ones(4, np.float32),), dict(k=3))
+
+
+def test_generate_and_stream_reuse_compilations_across_equal_models():
+    """A second Model over an equal LM (a distinct GraphDef object, equal by content) compiles nothing new."""
+    a = jaxmedusa.Model(random_lm(seed=4), max_len=64)
+    b = jaxmedusa.Model(random_lm(seed=4), max_len=64)
+    assert a.split()[0].value is not b.split()[0].value
+    first = jaxmedusa.generate(a, [3, 4, 5], max_new_tokens=3, eos_token_id=[])
+    second = jaxmedusa.generate(b, [3, 4, 5], max_new_tokens=3, eos_token_id=[])
+    assert first.stats["compile_seconds"] > 0 and second.stats["compile_seconds"] == 0.0
+    assert first.tokens == second.tokens
+    chunks = list(jaxmedusa.stream(a, [3, 4, 5], max_new_tokens=3, eos_token_id=[]))
+    size = vanilla_stream_step._cache_size()
+    again = list(jaxmedusa.stream(b, [3, 4, 5], max_new_tokens=3, eos_token_id=[]))
+    assert vanilla_stream_step._cache_size() == size
+    assert sum(chunks, []) == sum(again, []) and [t for c in chunks for t in c[0]] == first.tokens[0]
