@@ -32,6 +32,22 @@ def jax_full_logits(model: jaxmedusa.Model, ids: np.ndarray) -> np.ndarray:
     return np.asarray(model.lm.logits(hidden))
 
 
+def assert_weights_equal(model: jaxmedusa.Model, ref_model) -> None:
+    """Every tensor of the loaded model equals transformers' bit for bit (float32 both sides), named by HF key:
+    a logits mismatch after this passes is in the computation, not in loading."""
+    from flax import nnx
+
+    from jaxmedusa.checkpoint import export_params
+    from jaxmedusa.models import param_table
+
+    flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model.lm, nnx.Param))}
+    ours = export_params(flat, param_table(model.config))
+    theirs = {k: v.detach().numpy() for k, v in ref_model.state_dict().items()}
+    assert ours and set(ours) <= set(theirs), sorted(set(ours) - set(theirs))[:3]
+    for key, value in ours.items():
+        np.testing.assert_array_equal(value, theirs[key], err_msg=key)
+
+
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
     import torch
 
@@ -45,6 +61,7 @@ def test_logits_match_transformers(hf_model, variant, seed):
     ref_model, path = hf_model(seed=seed, **VARIANTS[variant])
     model = jaxmedusa.load(path, max_len=160)
     ids = np.random.default_rng(seed).integers(0, 97, size=(2, 150))  # long enough to exercise RoPE
+    assert_weights_equal(model, ref_model)
     np.testing.assert_allclose(jax_full_logits(model, ids), torch_logits(ref_model, ids), atol=1e-4, rtol=0)
 
 
