@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
 import jax
 
 import jaxmedusa
+from jaxmedusa.atomic import write_json
 from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.train.data import ChatRenderer, load_conversations
 
@@ -85,9 +85,8 @@ def main() -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"acceptance-{date}-{device_name().replace(' ', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(date=date, device=device_name(), jax=jax.__version__, args=vars(args), rows=rows,
-                       identical_to_vanilla=same), f, indent=2)
+    write_json(out, dict(date=date, device=device_name(), jax=jax.__version__, args=vars(args), rows=rows,
+                         identical_to_vanilla=same))
     print(f"wrote {out}")
     if not same:
         sys.exit(1)

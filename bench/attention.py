@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmedusa.atomic import write_json
 from jaxmedusa.kernels import attention_pallas as ap
 from jaxmedusa.kernels.reference import decode_attention_reference, tree_attention_reference
 
@@ -177,8 +177,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
 
     def save() -> None:  # after every shape, so a run cut short still leaves its rows
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(out_path, result, indent=1)
 
     ours = {
         "jaxmedusa unified-max": lambda q, k, v, ln: ap.decode_attention(q, k, v, ln, interpret=interpret),

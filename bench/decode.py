@@ -96,9 +96,7 @@ def main() -> None:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"decode-{date}-{device_name().replace(' ', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(date=date, device=device_name(), jax=jax.__version__, config=vars(args), rows=rows), f,
-                  indent=2)
+    write_json(out, dict(date=date, device=device_name(), jax=jax.__version__, config=vars(args), rows=rows))
     print(f"wrote {out}")
 
 

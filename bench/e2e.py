@@ -271,6 +271,8 @@ def main() -> None:
     hf_rows = run_hf_subprocess(args) if args.hf else None  # before JAX takes the GPU's memory
     import jax
 
+    from jaxmedusa.atomic import write_json
+
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
                   model=args.model, dtype=args.dtype, args=vars(args))
     out = args.out or os.path.join(HERE, "results", f"e2e-{result['date']}-{result['device'].replace(' ', '_')}.json")
@@ -278,8 +280,7 @@ def main() -> None:
     result.update(run_jax(args))
     if hf_rows is not None:
         result["transformers"] = hf_rows
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(out, result)
     print(f"\nmodel {args.model} {args.dtype}, {result['device']}, jax {jax.__version__}; "
           f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s")
     print(f"{'B':>3} {'prompt':>6} {'ms/step':>8} {'tok/s':>8} {'bound tok/s':>11} {'% bound':>8} {'HF tok/s':>9} {'vs HF':>6}")
@@ -298,8 +299,7 @@ def main() -> None:
         for p in sorted({r["prompt"] for r in result["verify"] if r["batch"] == b}):
             cells = {r["tree_nodes"]: r["ratio"] for r in result["verify"] if r["batch"] == b and r["prompt"] == p}
             print(f"     {p:>6} " + " ".join(f"{cells[t]:<7.3f}" if cells.get(t) else f"{'-':<7}" for t in sizes))
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -192,10 +192,9 @@ def main() -> None:
     out = args.out or os.path.join(HERE, "results", f"gemm-layers-{date}-{device}.json")
     result = {"date": date, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "model": "smoke" if args.smoke else args.model, "rows": rows}
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    from jaxmedusa.atomic import write_json
+
+    write_json(out, result, indent=1)
     print(f"wrote {out}")
 
 

@@ -199,9 +199,9 @@ def main() -> None:
     result["transformers"] = hf
     out = args.out or os.path.join(HERE, "results", f"prefill-{result['date']}-{result['device'].replace(' ', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(out + ".tmp", out)
+    from jaxmedusa.atomic import write_json
+
+    write_json(out, result)
     from e2e import MODELS
     from jaxmedusa.models import ModelConfig
 

@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from jaxmedusa.atomic import write_json
 from jaxmedusa.tree import grow_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,9 +111,8 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(HERE, "results", f"speedup_sim-{date}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(date=date, heads=label, accuracies=acc.tolist(), e2e=os.path.basename(args.e2e),
-                       device=e2e["device"], batch=args.batch, rows=rows), f, indent=2)
+    write_json(out, dict(date=date, heads=label, accuracies=acc.tolist(), e2e=os.path.basename(args.e2e),
+                         device=e2e["device"], batch=args.batch, rows=rows))
     try:
         import matplotlib
 
