@@ -11,7 +11,10 @@ them, so each GEMM streams its weights from HBM once, as in the real step (no L2
 The time of one call is compared with the bytes of all weights at the read bandwidth measured in the
 same process (a 4 GiB sum). Variants: `layout` separate | fused (qkv and gate_up concatenated, the layout GLM ships) | fused_t
 (the same, stored [out, in] as in HF files, XLA only),
-`impl` xla | pallas (kernels.flat_gemm); each XLA flag set runs in its own subprocess. The breakdown
+`impl` xla | pallas (kernels.flat_gemm; `--split-k auto 1 2 4 8` runs it once per K split, auto = the
+dispatcher's default tiling); each XLA flag set runs in its own subprocess. `--per-gemm` also times each
+projection alone (that projection of every layer, one input, the outputs summed): the per-shape numbers a
+split-K default is chosen from. The breakdown
 (bench/verify_breakdown.py) is the in-model check of these numbers. `err` is the final hidden state's difference from XLA's
 after all layers. The flat GEMM reads 1.4-1.7 there on an H200 while its products match the reference one by
 one at these shapes (tests/test_kernels_gpu.py): a random 32-layer chain does not keep bf16 rounding
@@ -76,20 +79,45 @@ def make_weights(key, shape, layout: str, dtype):
     return out
 
 
-def stack_fn(shape, layout: str, impl: str):
+def product(layout: str, impl: str, split: str = "auto"):
+    """x @ w as the variant computes it: XLA, or the flat GEMM with the default tiling or split_k = split."""
+    import jax
+
+    from jaxmedusa.kernels import flat_gemm, matmul
+
+    if impl == "pallas" and jax.default_backend() != "gpu":
+        impl = "interpret"
+    if layout == "fused_t":
+        return lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+    if impl == "xla" or split == "auto":
+        return lambda x, w: matmul(x, w, impl=impl)
+    # a fixed split, at most one per 128-deep K step (o's K of 4096 takes up to 32)
+    return lambda x, w: flat_gemm(x, w, split_k=min(int(split), w.shape[0] // 128), interpret=impl == "interpret")
+
+
+def single_fn(layout: str, impl: str, name: str, split: str = "auto"):
+    """One projection of every layer on one input, the outputs summed in float32: that GEMM shape's time."""
+    import jax
+    import jax.numpy as jnp
+
+    mm = product(layout, impl, split)
+
+    def run(x, weights):
+        acc = jnp.zeros((x.shape[0], weights[0][name].shape[1]), jnp.float32)
+        for w in weights:
+            acc = acc + mm(x[:, :w[name].shape[0]], w[name]).astype(jnp.float32)
+        return acc
+
+    return jax.jit(run)
+
+
+def stack_fn(shape, layout: str, impl: str, split: str = "auto"):
     """x [M, H] through every layer's projections; returns the last hidden state."""
     import jax
     import jax.numpy as jnp
 
-    from jaxmedusa.kernels import matmul
-
     _, h, qw, kvw, inter = shape
-    if impl == "pallas" and jax.default_backend() != "gpu":
-        impl = "interpret"
-    if layout == "fused_t":
-        mm = lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))  # noqa: E731
-    else:
-        mm = lambda x, w: matmul(x, w, impl=impl)  # noqa: E731
+    mm = product(layout, impl, split)
 
     def norm(x):  # keeps the chain finite over many random layers, as RMSNorm does in the model
         xf = x.astype(jnp.float32)
@@ -127,28 +155,40 @@ def run_variants(args) -> list[dict]:
     rows = []
     for layout in args.layouts:
         weights = make_weights(jax.random.key(0), shape, layout, dtype)
-        wbytes = sum(a.nbytes for w in weights for a in w.values())
-        ref_fn, refs = stack_fn(shape, layout, "xla"), {}
-        for impl in args.impls:
-            fn = stack_fn(shape, layout, impl)
-            for m in args.rows:
-                x = (jax.random.normal(jax.random.key(m), (m, shape[1]), jnp.float32)).astype(dtype)
-                try:
-                    ms = _timed(fn, x, weights, repeats=args.repeats)
-                except Exception as e:  # a variant that does not compile is a row, not the end of the run
-                    rows.append({"layout": layout, "impl": impl, "m": m, "error": f"{type(e).__name__}: {e}"[:800]})
-                    print(f"{layout} {impl} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    continue
-                if m not in refs:
-                    refs[m] = ref_fn(x, weights).astype(jnp.float32)
-                got = fn(x, weights).astype(jnp.float32)
-                err = float(jnp.max(jnp.abs(got - refs[m])) / jnp.max(jnp.abs(refs[m])))
-                bound = wbytes / bw * 1e3
-                rows.append({"layout": layout, "impl": impl, "m": m, "ms": ms, "bound_ms": bound, "rel_err_vs_xla": err,
-                             "of_bound": bound / ms, "tflops": 2 * m * wbytes / 2 / (ms * 1e-3) / 1e12})
-                print(f"{os.environ.get('XLA_FLAGS', '') or '(default)':40s} {layout:8s} {impl:6s} M={m:4d} "
-                      f"{ms:7.3f} ms  bound {bound:6.3f} ms  {bound / ms:5.1%}  err {err:.1e}", flush=True)
-            del fn
+        # what is timed: the whole stack, then (--per-gemm) each projection alone
+        parts = [("stack", None)] + ([(name, name) for name in weights[0]] if args.per_gemm and layout != "fused_t"
+                                     else [])
+        for part, name in parts:
+            wbytes = sum(w[name].nbytes if name else sum(a.nbytes for a in w.values()) for w in weights)
+            make = (lambda impl, split: stack_fn(shape, layout, impl, split)) if name is None else \
+                (lambda impl, split: single_fn(layout, impl, name, split))
+            ref_fn, refs = make("xla", "auto"), {}
+            for impl in args.impls:
+                for split in (args.split_k if impl == "pallas" else ["auto"]):
+                    fn = make(impl, split)
+                    for m in args.rows:
+                        x = (jax.random.normal(jax.random.key(m), (m, shape[1] if name is None else
+                                                                   max(w.shape[0] for w in weights[0].values())),
+                                               jnp.float32)).astype(dtype)
+                        tag = {"layout": layout, "part": part, "impl": impl, "split_k": split, "m": m}
+                        try:
+                            ms = _timed(fn, x, weights, repeats=args.repeats)
+                        except Exception as e:  # a variant that does not compile is a row, not the end of the run
+                            rows.append(dict(tag, error=f"{type(e).__name__}: {e}"[:800]))
+                            print(f"{layout} {part} {impl} split {split} M={m}: {type(e).__name__}: {str(e)[:300]}",
+                                  flush=True)
+                            continue
+                        if m not in refs:
+                            refs[m] = ref_fn(x, weights).astype(jnp.float32)
+                        got = fn(x, weights).astype(jnp.float32)
+                        err = float(jnp.max(jnp.abs(got - refs[m])) / jnp.max(jnp.abs(refs[m])))
+                        bound = wbytes / bw * 1e3
+                        rows.append(dict(tag, ms=ms, bound_ms=bound, rel_err_vs_xla=err, of_bound=bound / ms,
+                                         tflops=2 * m * wbytes / 2 / (ms * 1e-3) / 1e12))
+                        print(f"{os.environ.get('XLA_FLAGS', '') or '(default)':30s} {layout:8s} {part:8s} {impl:6s} "
+                              f"split {split:>4} M={m:4d} {ms:7.3f} ms  bound {bound:6.3f} ms  {bound / ms:5.1%}  "
+                              f"err {err:.1e}", flush=True)
+                    del fn
         del weights
     return rows
 
@@ -159,6 +199,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256])
     p.add_argument("--layouts", nargs="+", choices=["separate", "fused", "fused_t"], default=["separate", "fused"])
     p.add_argument("--impls", nargs="+", choices=["xla", "pallas"], default=["xla"])
+    p.add_argument("--split-k", nargs="+", default=["auto"], help="the flat GEMM's K splits: auto (the "
+                   "dispatcher's default tiling) and/or numbers")
+    p.add_argument("--per-gemm", action="store_true", help="also time each projection alone")
     p.add_argument("--flags", nargs="+", default=[""], help="XLA_FLAGS sets, one subprocess each; start one with a space "
                    "(\" --xla_...\") so it is not read as an option")
     p.add_argument("--repeats", type=int, default=20)
@@ -176,9 +219,12 @@ def main() -> None:
     for flags in args.flags:
         env = dict(os.environ, XLA_FLAGS=flags)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", args.model, "--repeats",
-               str(args.repeats), "--rows", *map(str, args.rows), "--layouts", *args.layouts, "--impls", *args.impls]
+               str(args.repeats), "--rows", *map(str, args.rows), "--layouts", *args.layouts, "--impls", *args.impls,
+               "--split-k", *args.split_k]
         if args.smoke:
             cmd.append("--smoke")
+        if args.per_gemm:
+            cmd.append("--per-gemm")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         sys.stdout.write("".join(l + "\n" for l in proc.stdout.splitlines() if not l.startswith("ROWS ")))
         got = [l for l in proc.stdout.splitlines() if l.startswith("ROWS ")]

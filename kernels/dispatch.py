@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from . import attention_pallas, reference
 from .attention_pallas import kernel_supports
-from .gemm_pallas import flat_gemm, flat_gemm_supports
+from .gemm_pallas import default_split_k, flat_gemm, flat_gemm_supports
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
@@ -164,14 +164,21 @@ def matmul(x: jax.Array, w: jax.Array, *, impl: str | None = None) -> jax.Array:
     return y.reshape(*x.shape[:-1], n)
 
 
+def _flat_gemm_tiled(x, w, interpret):
+    """The flat GEMM with its default tiles: 128-column panels split along K when N has few of them."""
+    k, n = w.shape
+    split = default_split_k(k, n, 128) if n % 128 == 0 else 1
+    return flat_gemm(x, w, split_k=split, interpret=interpret)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _flat_gemm_diff(x, w, interpret):
     """The flat GEMM with XLA's products as its gradient (pallas_call itself has no autodiff rule)."""
-    return flat_gemm(x, w, interpret=interpret)
+    return _flat_gemm_tiled(x, w, interpret)
 
 
 def _flat_gemm_fwd(x, w, interpret):
-    return flat_gemm(x, w, interpret=interpret), (x, w)
+    return _flat_gemm_tiled(x, w, interpret), (x, w)
 
 
 def _flat_gemm_bwd(interpret, res, g):

@@ -2,11 +2,18 @@
 
 x [M, K] @ w [K, N] with M small (a tree's B * T rows, 16 .. 128): the product is bound by streaming w,
 so what matters is that enough programs stream it at once. Each program owns a panel of block_n output
-columns and walks the whole K dimension in block_k steps (a [Mp, block_k] x [block_k, block_n] tensor-core
-dot per step, float32 accumulate), with Triton pipelining the w tiles num_stages deep; x (a few hundred KB)
-is re-read by every program from L2. No split-K: a second pass to add partials would cost more launches
-than it saves at these sizes. Portable Pallas lowered to Triton, like the attention kernels, and
-interpretable on CPU for tests. `flat_gemm_reference` is the ground truth (jnp.dot, float32 accumulate).
+columns and walks K in block_k steps (a [Mp, block_k] x [block_k, block_n] tensor-core dot per step,
+float32 accumulate), with Triton pipelining the w tiles num_stages deep; x (a few hundred KB) is re-read by
+every program from L2.
+
+split_k > 1 also splits K: program (j, s) walks the s-th of split_k ranges of K steps and adds its partial
+panel into a zeroed float32 output with atomic adds, so there is one launch and no [split_k, M, N] partials
+for a later kernel to read back (XLA's split-K writes those, and at 64 rows its residual adds, which reduce
+them, cost 4 us a layer against 1.5 at one row on an H200). The cast back to x's dtype is left to XLA, which
+fuses it into the consumer. Float atomics make the sum's order, and so its last bits, vary from run to run.
+
+Portable Pallas lowered to Triton, like the attention kernels, and interpretable on CPU for tests.
+`flat_gemm_reference` is the ground truth (jnp.dot, float32 accumulate).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int, k: int):
+def _kernel(x_ref, w_ref, *refs, block_k: int, k: int, split_k: int):
+    o_ref = refs[-1]  # with split_k > 1, refs[0] is the zeroed float32 input the output aliases
     mp, bn = o_ref.shape
 
     def body(i, acc):
@@ -28,8 +36,15 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, k: int):
         w = w_ref[pl.ds(i * block_k, block_k), :]
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, k // block_k, body, jnp.zeros((mp, bn), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    steps = k // block_k
+    if split_k == 1:
+        acc = lax.fori_loop(0, steps, body, jnp.zeros((mp, bn), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+        return
+    per = -(-steps // split_k)
+    lo = pl.program_id(1) * per
+    acc = lax.fori_loop(lo, jnp.minimum(lo + per, steps), body, jnp.zeros((mp, bn), jnp.float32))
+    plgpu.atomic_add(o_ref, (slice(None), slice(None)), acc)
 
 
 def default_block_n(n: int) -> int:
@@ -38,6 +53,16 @@ def default_block_n(n: int) -> int:
         if n % bn == 0 and n // bn >= 128:
             return bn
     return 16
+
+
+def default_split_k(k: int, n: int, block_n: int, block_k: int = 128, programs: int = 256) -> int:
+    """The fewest K splits (a power of two, each split at least 8 block_k steps) that give about `programs`
+    programs: two per SM of an H100/H200 (132), so a panel count like 32 (N = 4096 at block_n 128) still
+    streams from every SM. Unmeasured on a GPU as of 2026-12-02: bench/gemm_layers.py --split-k sweeps it."""
+    split = 1
+    while (n // block_n) * split < programs and k // block_k >= 2 * split * 8:
+        split *= 2
+    return split
 
 
 def flat_gemm_supports(m: int, k: int, n: int, block_k: int = 128) -> bool:
@@ -49,28 +74,36 @@ def flat_gemm_reference(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages", "interpret"))
-def flat_gemm(x: jax.Array, w: jax.Array, *, block_n: int | None = None, block_k: int = 128,
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "split_k", "num_warps", "num_stages",
+                                             "interpret"))
+def flat_gemm(x: jax.Array, w: jax.Array, *, block_n: int | None = None, block_k: int = 128, split_k: int = 1,
               num_warps: int = 4, num_stages: int = 4, interpret: bool = False) -> jax.Array:
-    """x [M, K] @ w [K, N] -> [M, N] in x's dtype (float32 accumulate)."""
+    """x [M, K] @ w [K, N] -> [M, N] in x's dtype (float32 accumulate); split_k > 1 splits K too (atomic adds).
+    block_n defaults to default_block_n(N) without a split, else 128 (wide panels, fewer of them)."""
     m, k = x.shape
     n = w.shape[1]
     if not flat_gemm_supports(m, k, n, block_k):
         raise ValueError(f"flat_gemm takes M <= 128, K a multiple of block_k={block_k} and N a multiple of 16; "
                          f"got M={m}, K={k}, N={n}")
-    block_n = block_n or default_block_n(n)
+    if not 1 <= split_k <= k // block_k:
+        raise ValueError(f"split_k={split_k} must be in [1, K / block_k = {k // block_k}]")
+    block_n = block_n or (default_block_n(n) if split_k == 1 or n % 128 else 128)
     if n % block_n:
         raise ValueError(f"block_n={block_n} does not divide N={n}")
     mp = max(16, pl.next_power_of_2(m))
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    panel = pl.BlockSpec((mp, block_n), lambda j, s: (0, j))
+    split = split_k > 1
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, k=k),
-        grid=(n // block_n,),
-        in_specs=[pl.BlockSpec((mp, k), lambda j: (0, 0)), pl.BlockSpec((k, block_n), lambda j: (0, j))],
-        out_specs=pl.BlockSpec((mp, block_n), lambda j: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((mp, n), x.dtype),
+        functools.partial(_kernel, block_k=block_k, k=k, split_k=split_k),
+        grid=(n // block_n, split_k),
+        in_specs=[pl.BlockSpec((mp, k), lambda j, s: (0, 0)), pl.BlockSpec((k, block_n), lambda j, s: (0, j))]
+        + ([panel] if split else []),
+        out_specs=panel,
+        out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32 if split else x.dtype),
+        input_output_aliases={2: 0} if split else {},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="jaxmedusa_flat_gemm",
-    )(xp, w.astype(x.dtype))
-    return out[:m]
+        name="jaxmedusa_flat_gemm_split_k" if split else "jaxmedusa_flat_gemm",
+    )(xp, w.astype(x.dtype), *([jnp.zeros((mp, n), jnp.float32)] if split else []))
+    return out[:m].astype(x.dtype)

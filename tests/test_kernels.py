@@ -265,17 +265,33 @@ def test_kernels_read_one_layer_of_a_stacked_cache_in_place():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m, k, n, dtype", [(1, 128, 48, jnp.float32), (64, 384, 96, jnp.float32),
-                                            (37, 256, 128, jnp.float32), (128, 256, 64, jnp.bfloat16)])
-def test_flat_gemm_matches_reference(m, k, n, dtype):
+@pytest.mark.parametrize("m, k, n, dtype, split_k", [
+    (1, 128, 48, jnp.float32, 1), (64, 384, 96, jnp.float32, 1), (37, 256, 128, jnp.float32, 1),
+    (128, 256, 64, jnp.bfloat16, 1),
+    (64, 512, 256, jnp.float32, 2), (37, 640, 128, jnp.float32, 3),  # 5 K steps in ranges of 2, 2, 1
+    (5, 768, 256, jnp.bfloat16, 4), (16, 384, 48, jnp.float16, 3)])
+def test_flat_gemm_matches_reference(m, k, n, dtype, split_k):
     from jaxmedusa.kernels import flat_gemm, flat_gemm_reference
 
     rng = np.random.default_rng()
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     w = jnp.asarray(rng.standard_normal((k, n)), dtype)
-    got = flat_gemm(x, w, interpret=True)
+    got = flat_gemm(x, w, split_k=split_k, interpret=True)
     assert got.shape == (m, n) and got.dtype == dtype
     assert rel_err(got, flat_gemm_reference(x, w)) < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+def test_flat_gemm_split_k_choice_and_limits():
+    from jaxmedusa.kernels import flat_gemm
+    from jaxmedusa.kernels.gemm_pallas import default_split_k
+
+    # Llama-2-7B at 128-column panels: o (32 panels) and down (32) split, qkv (96) and gate_up (172) less
+    assert [default_split_k(k, n, 128) for k, n in [(4096, 4096), (11008, 4096), (4096, 12288), (4096, 22016)]] \
+        == [4, 8, 4, 2]
+    assert default_split_k(1024, 4096, 128) == 1  # 8 K steps: too few to split
+    x, w = jnp.ones((4, 256), jnp.float32), jnp.ones((256, 128), jnp.float32)
+    with pytest.raises(ValueError, match="split_k=3"):
+        flat_gemm(x, w, split_k=3, interpret=True)  # 2 K steps of 128
 
 
 def test_gemm_dispatcher_choice_per_rows(monkeypatch):
@@ -319,7 +335,8 @@ def test_model_with_flat_gemm_equals_xla_path(monkeypatch):
     from conftest import random_lm
     from jaxmedusa.cache import KVCache
 
-    lm = random_lm(seed=33, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    # intermediate 2048: the down projection (16 K steps, one panel) takes the split-K path
+    lm = random_lm(seed=33, hidden_size=128, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2)
     ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 16)), jnp.int32)
     outs = []
     for impl in ("xla", "interpret"):
