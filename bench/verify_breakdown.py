@@ -14,14 +14,16 @@ kv_write, attention, o_proj, mlp, norm, lm_head, sampling, candidates, acceptanc
 "other" is everything outside those scopes (loop bookkeeping), and "idle" is the step time no kernel
 covers (launch gaps, the while loop's host round trip). Each row also lists its kernels with their calls per
 step (XLA reuses one kernel for identical fusions, so a name can cover every layer); `--dump DIR` writes the
-optimized HLO of each configuration, to read what a fusion holds. Writes
-bench/results/verify-breakdown-DATE-DEVICE.json.
+optimized HLO of each configuration, to read what a fusion holds. `--gemm-impls auto pallas` runs every
+tree row (T > 1) once per GEMM implementation (JAXMEDUSA_GEMM while it compiles; vanilla rows keep the
+default): the in-model A/B of the flat GEMM. Writes bench/results/verify-breakdown-DATE-DEVICE.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import glob
 import os
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernels", type=int, default=0, metavar="N",
                     help="also print each configuration's N costliest kernels (ms a step, calls, us a call)")
+    ap.add_argument("--gemm-impls", nargs="+", choices=["auto", "xla", "pallas", "interpret"], default=None,
+                    help="run each tree row once per GEMM implementation (default: JAXMEDUSA_GEMM or auto only)")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="also write each configuration's optimized HLO (gzipped) under DIR, to read what a fusion holds")
     args = ap.parse_args()
@@ -155,7 +159,8 @@ def main() -> None:
         hidden = jax.random.normal(key, (b, cfg.embed_dim), dtype)
         for p in args.prompts:
             for t in args.tree_sizes:
-                for kind in (["-"] if t == 1 else args.heads):
+                for kind, gemm in ([("-", None)] if t == 1 else
+                                   [(kind, g) for kind in args.heads for g in (args.gemm_impls or [None])]):
                     c = cache._replace(lengths=jnp.full((b,), p, jnp.int32))
                     if t == 1:
                         fn, fargs = decode_loop, (state, c, hidden, key, eos, jnp.float32(1.0), jnp.float32(1.0))
@@ -165,7 +170,7 @@ def main() -> None:
                         fn, fargs = medusa_loop, (state, hs, c, hidden, key, eos, params)
                         static = dict(graphdef=graphdef, heads_graphdef=hg, tree=build_tree(tree_of_size(t), num_heads=4),
                                       max_new_tokens=n, acceptance="greedy", use_top_p=False)
-                    with jax.default_matmul_precision(args.precision):
+                    with jax.default_matmul_precision(args.precision), gemm_impl(gemm):
                         compiled = fn.lower(*fargs, **static).compile()
                     hlo = compiled.as_text()
                     scopes = scope_map(hlo)
@@ -173,7 +178,8 @@ def main() -> None:
                         import gzip
                         from jaxmedusa.atomic import atomic_open
                         os.makedirs(args.dump, exist_ok=True)
-                        with atomic_open(os.path.join(args.dump, f"hlo-b{b}-p{p}-t{t}-{kind}.txt.gz"), "wb") as f:
+                        name = f"hlo-b{b}-p{p}-t{t}-{kind}" + (f"-{gemm}" if gemm else "")
+                        with atomic_open(os.path.join(args.dump, name + ".txt.gz"), "wb") as f:
                             f.write(gzip.compress(hlo.encode()))
 
                     def run(cache_in):
@@ -190,7 +196,7 @@ def main() -> None:
                         t0 = time.perf_counter()
                         c, steps = run(c)
                         best = min(best, time.perf_counter() - t0)
-                    trace_dir = os.path.join(trace_root, f"b{b}-p{p}-t{t}-{kind}")
+                    trace_dir = os.path.join(trace_root, f"b{b}-p{p}-t{t}-{kind}-{gemm}")
                     c = c._replace(lengths=jnp.full((b,), p, jnp.int32))
                     jax.profiler.start_trace(trace_dir)
                     c, steps = run(c)
@@ -209,7 +215,8 @@ def main() -> None:
                         group_op.setdefault((f, name), hlo_op or "")
                     step_ms = best / steps * 1e3
                     busy = sum(fam.values())
-                    row = dict(batch=b, prompt=p, tree_nodes=t, heads=kind, step_ms=step_ms, kernel_ms=busy,
+                    row = dict(batch=b, prompt=p, tree_nodes=t, heads=kind, gemm=gemm or result["gemm"],
+                               step_ms=step_ms, kernel_ms=busy,
                                idle_ms=max(0.0, step_ms - busy), families=dict(fam),
                                kernels=[dict(family=f, kernel=k, ms=v, calls=group_calls[(f, k)], hlo_op=group_op[(f, k)])
                                         for (f, k), v in groups.most_common(80)],
@@ -217,7 +224,7 @@ def main() -> None:
                                attributed_by_hlo_op=sum(1 for e in events if e[2]) / max(1, len(events)))
                     rows.append(row)
                     save(dict(result, rows=rows), out)  # after every row: a run cut short keeps what it measured
-                    print(f"B={b} P={p} T={t} heads={kind}: {step_ms:.3f} ms/step, kernels {busy:.3f} ms "
+                    print(f"B={b} P={p} T={t} heads={kind} gemm={row['gemm']}: {step_ms:.3f} ms/step, kernels {busy:.3f} ms "
                           f"({row['kernels_per_step']:.0f}/step), idle {row['idle_ms']:.3f} ms", flush=True)
         del cache
     result["rows"] = rows
@@ -226,6 +233,21 @@ def main() -> None:
     if args.kernels:
         print_kernels(result, args.kernels)
     print(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def gemm_impl(impl: str | None):
+    """JAXMEDUSA_GEMM=impl while the block runs (the dispatcher reads it at trace time); None leaves it be."""
+    old = os.environ.get("JAXMEDUSA_GEMM")
+    if impl is not None:
+        os.environ["JAXMEDUSA_GEMM"] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("JAXMEDUSA_GEMM", None)
+        else:
+            os.environ["JAXMEDUSA_GEMM"] = old
 
 
 def save(result: dict, out: str) -> None:
@@ -244,7 +266,8 @@ def print_table(result: dict) -> None:
         for p in sorted({r["prompt"] for r in rows if r["batch"] == b}):
             group = [r for r in rows if r["batch"] == b and r["prompt"] == p]
             base = next((r for r in group if r["tree_nodes"] == 1), None)
-            heads = [f"T={r['tree_nodes']}{'' if r['heads'] == '-' else '/' + r['heads']}" for r in group]
+            heads = [f"T={r['tree_nodes']}{'' if r['heads'] == '-' else '/' + r['heads']}"
+                     + (f"/{r['gemm']}" if r.get("gemm", "auto") != "auto" else "") for r in group]
             print(f"\n{result['model']} B={b} prompt={p} ({result['device']}), ms per step")
             print(f"{'family':<22}" + "".join(f"{h:>12}" for h in heads))
             for f in fams:
@@ -263,7 +286,8 @@ def print_kernels(result: dict, n: int) -> None:
             name = re.sub(r"_+\d+$", "", k["kernel"]) if k["kernel"].startswith("jaxmedusa_") else k["kernel"]
             ms, calls = merged.get((k["family"], name), (0.0, 0.0))
             merged[(k["family"], name)] = (ms + k["ms"], calls + k["calls"])
-        print(f"\nB={r['batch']} P={r['prompt']} T={r['tree_nodes']} heads={r['heads']}: {r['step_ms']:.3f} ms/step")
+        print(f"\nB={r['batch']} P={r['prompt']} T={r['tree_nodes']} heads={r['heads']} gemm={r.get('gemm', 'auto')}: "
+              f"{r['step_ms']:.3f} ms/step")
         print(f"{'family':<20}{'kernel':<48}{'ms/step':>9}{'calls':>7}{'us/call':>9}")
         for (fam, name), (ms, calls) in sorted(merged.items(), key=lambda kv: -kv[1][0])[:n]:
             print(f"{fam:<20}{name[:46]:<48}{ms:>9.3f}{calls:>7.1f}{ms * 1e3 / max(calls, 1e-9):>9.2f}")
