@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .compile_cache import merge
 from .cache import KVCache
+from .compile_cache import merge
 from .sampling import filtered_logits
 from .tree import TreeBuffers
 

@@ -8,9 +8,10 @@ every program from L2.
 
 split_k > 1 also splits K: program (j, s) walks the s-th of split_k ranges of K steps and adds its partial
 panel into a zeroed float32 output with atomic adds, so there is one GEMM launch (after a zero fill) and no
-[split_k, M, N] partials for a later kernel to read back (XLA's split-K writes those; at 64 rows each residual add that reduces
-them takes 4 us on an H200, against 1.5 at one row). The cast back to x's dtype is left to XLA, which
-fuses it into the consumer. Float atomics make the sum's order, and so its last bits, vary from run to run.
+[split_k, M, N] partials for a later kernel to read back. XLA's split-K writes those, and at 64 rows each
+residual add that reduces them takes 4 us on an H200, against 1.5 at one row. The cast back to x's dtype
+is left to XLA, which fuses it into the consumer. Float atomics make the sum's order, and so its last
+bits, vary from run to run.
 
 Portable Pallas lowered to Triton, like the attention kernels, and interpretable on CPU for tests.
 `flat_gemm_reference` is the ground truth (jnp.dot, float32 accumulate).
