@@ -42,9 +42,20 @@ def _kernel(x_ref, w_ref, *refs, block_k: int, k: int, split_k: int):
         acc = lax.fori_loop(0, steps, body, jnp.zeros((mp, bn), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
         return
+    # every program runs the same static trip count, so Triton can pipeline the loop (a loop with traced
+    # bounds lowers to a while loop, which it does not); the steps past K in the last range (K steps not a
+    # multiple of split_k) re-read the last tile and add nothing
     per = -(-steps // split_k)
     lo = pl.program_id(1) * per
-    acc = lax.fori_loop(lo, jnp.minimum(lo + per, steps), body, jnp.zeros((mp, bn), jnp.float32))
+
+    def split_body(j, acc):
+        i = jnp.minimum(lo + j, steps - 1)
+        x = x_ref[:, pl.ds(i * block_k, block_k)]
+        x = jnp.where(lo + j < steps, x, jnp.zeros_like(x))
+        w = w_ref[pl.ds(i * block_k, block_k), :]
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, per, split_body, jnp.zeros((mp, bn), jnp.float32))
     plgpu.atomic_add(o_ref, (slice(None), slice(None)), acc)
 
 
