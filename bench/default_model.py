@@ -15,6 +15,8 @@
   ends (the first statement back at column 0, found by Python's tokenizer) or --parse-tokens run out; the
   fraction whose function ends and parses with ast.parse.
 - --sweep: trees of several sizes grown from the heads' measured top-k accuracies (build.json).
+- --int8-heads: the heads also as Medusa-1 heads (each with its own copy of the lm_head, so the same
+  proposals) in float and with int8 projections (jaxmedusa.quantize_heads), on the shipped tree.
 Prints a table; writes bench/results/default_model[-sweep]-DATE-DEVICE.json (and --out, when given).
 """
 
@@ -36,6 +38,7 @@ import numpy as np
 
 import jaxmedusa
 from jaxmedusa.atomic import write_json
+from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.loading import DEFAULT_MODEL_DIR
 from jaxmedusa.tree import DEFAULT_TREE, grow_tree, published_trees
 
@@ -135,20 +138,41 @@ def first_differences(outputs: list[list[int]], reference: list[list[int]]) -> l
     return out
 
 
-def run_prompts(model, prompts, max_new_tokens: int, trees: dict, repeats: int = 1) -> dict:
-    """Greedy generation of every prompt (batch 1) with vanilla and each tree, interleaved per prompt, in
-    `repeats` rounds over all prompts; each round gives one speedup per tree (its tokens/s over vanilla's)."""
-    kinds = {"vanilla": dict(medusa=False), **{name: dict(tree=t) for name, t in trees.items()}}
+def own_projection_heads(model) -> MedusaHeads:
+    """The model's shared-lm_head heads as Medusa-1 heads: the same residual blocks, each head with its own copy
+    of the lm_head as its vocab projection. They propose what the shared heads propose, in the layout that
+    quantize_heads() takes."""
+    shared = model.heads
+    own = MedusaHeads.for_model(model.lm, shared.num_heads, shared.num_layers, shared_lm_head=False)
+    for src, dst in zip(shared.heads, own.heads):
+        for a, b in zip(src.blocks, dst.blocks):
+            b.linear.kernel.set_value(a.linear.kernel[...])
+            b.linear.bias.set_value(a.linear.bias[...])
+    return own
+
+
+def run_prompts(model, prompts, max_new_tokens: int, kinds: dict, repeats: int = 1) -> dict:
+    """Greedy generation of every prompt (batch 1) with vanilla and each kind (generate() keyword arguments, and
+    optionally "heads" to run with), interleaved per prompt, in `repeats` rounds over all prompts; each round
+    gives one speedup per kind (its tokens/s over vanilla's)."""
+    kinds = {"vanilla": dict(medusa=False), **kinds}
+    own_heads = model.heads
+
+    def generate(p, kw):
+        model.heads = kw.get("heads", own_heads)
+        return jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens,
+                                  **{k: v for k, v in kw.items() if k != "heads"})
+
     for kw in kinds.values():  # compile every (kind, prompt bucket) first
         for p in prompts:
-            jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens, **kw)
+            generate(p, kw)
     acc = {k: dict(seconds=[], tokens=0, steps=0, emitted=0, outputs=[]) for k in kinds}
     for round_ in range(repeats):
         for a in acc.values():
             a["seconds"].append(0.0)
         for i, p in enumerate(prompts):
             for k, kw in kinds.items():
-                r = jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens, **kw)
+                r = generate(p, kw)
                 a = acc[k]
                 a["seconds"][-1] += r.stats["seconds"]
                 if round_:
@@ -176,6 +200,7 @@ def run_prompts(model, prompts, max_new_tokens: int, trees: dict, repeats: int =
                        speedups=[round(x, 4) for x in speedups], identical_to_vanilla=not differing,
                        differing=differing)
         rows.append(row)
+    model.heads = own_heads
     return {"rows": rows, "repeats": repeats}
 
 
@@ -189,6 +214,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N shipped prompts")
     ap.add_argument("--sweep", action="store_true", help="also time trees of other sizes grown from accuracies")
     ap.add_argument("--sweep-sizes", type=int, nargs="+", default=[2, 4, 8, 12, 16, 24, 32, 48, 64])
+    ap.add_argument("--int8-heads", action="store_true",
+                    help="also run the heads as Medusa-1 heads (own lm_head copies), in float and int8 "
+                         "(quantize_heads), with the shipped tree")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default: load()'s (float32 on CPU, the checkpoint's fp16 on a GPU)")
     ap.add_argument("--out", default=None, help="also merge the results into this JSON file")
@@ -217,7 +245,12 @@ def main() -> None:
     result["parse"] = parse_rate(model, prompts, args.parse_tokens)
     print(f"parse: {result['parse']['parsed']} of {len(prompts)} continued functions parse "
           f"({result['parse']['block_ended']} ended within {args.parse_tokens} tokens)")
-    result.update(run_prompts(model, prompts, args.max_new_tokens, trees, args.repeats))
+    kinds = {name: dict(tree=t) for name, t in trees.items()}
+    if args.int8_heads:
+        own = own_projection_heads(model)
+        kinds["own-float"] = dict(tree=model.tree, heads=own)
+        kinds["own-int8"] = dict(tree=model.tree, heads=jaxmedusa.quantize_heads(own))
+    result.update(run_prompts(model, prompts, args.max_new_tokens, kinds, args.repeats))
     print(f"{len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, greedy, batch 1, {args.repeats} "
           f"rounds; device {device_name()}; jax {jax.__version__}")
     print(f"{'kind':>14} {'nodes':>6} {'tokens/s':>9} {'accepted/step':>14} {'speedup':>8} {'min..max':>11} "
@@ -227,7 +260,7 @@ def main() -> None:
         print(f"{r['kind']:>14} {r.get('tree_nodes', 1):>6} {r['tokens_per_second']:>9.1f} "
               f"{r.get('mean_accepted_tokens_per_step', 1.0):>14.3f} {r.get('speedup', 1.0):>7.2f}x {spread:>11} "
               f"{'yes' if not r.get('differing') else str(len(r['differing'])) + ' differ':>10}")
-    name = (f"default_model{'-sweep' if args.sweep else ''}{'-' + args.dtype if args.dtype else ''}-{result['date']}-"
+    name = (f"default_model{'-sweep' if args.sweep else ''}{'-int8-heads' if args.int8_heads else ''}{'-' + args.dtype if args.dtype else ''}-{result['date']}-"
             f"{device_name().replace(' ', '_')}.json")
     outs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)] + ([args.out] if args.out else [])
     for out in outs:

@@ -97,8 +97,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--prompts", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 16, 32, 64])
-    ap.add_argument("--heads", choices=["own", "shared"], nargs="+", default=["own", "shared"],
-                    help="Medusa-1 heads with their own vocab projections, and/or heads sharing the lm_head")
+    ap.add_argument("--heads", choices=["own", "shared", "own-int8"], nargs="+", default=["own", "shared"],
+                    help="Medusa-1 heads with their own vocab projections, heads sharing the lm_head, and/or own "
+                         "projections stored as int8 (quantize_heads)")
     ap.add_argument("--precision", choices=["default", "highest"], default="default",
                     help="float32 products: JAX's default (TF32 on a GPU) or true float32, as generate() runs a "
                          "float32 model")
@@ -124,7 +125,7 @@ def main() -> None:
     from jaxmedusa.models import ModelConfig, create_lm
     from jaxmedusa.cache import KVCache
     from jaxmedusa.generate import decode_loop
-    from jaxmedusa.heads import MedusaHeads
+    from jaxmedusa.heads import MedusaHeads, quantize_heads
     from jaxmedusa.medusa import AcceptanceParams, medusa_loop
     from jaxmedusa.tree import build_tree
 
@@ -137,8 +138,10 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype or ("float32" if args.smoke else "bfloat16"))
     lm = create_lm(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(lm)
-    heads = {kind: nnx.split(MedusaHeads.for_model(lm, 4, 1, shared_lm_head=kind == "shared", rngs=nnx.Rngs(1)))
-             for kind in args.heads}
+    heads = {}
+    for kind in args.heads:
+        h = MedusaHeads.for_model(lm, 4, 1, shared_lm_head=kind == "shared", rngs=nnx.Rngs(1))
+        heads[kind] = nnx.split(quantize_heads(h) if kind == "own-int8" else h)
     n = args.steps
     key = jax.random.key(0)
     eos = jnp.asarray([-1], jnp.int32)

@@ -165,7 +165,11 @@ def heads_from_state_dict(tensors: dict[str, np.ndarray], *, hidden: int, vocab:
 
 
 def heads_state_dict(heads: MedusaHeads) -> dict[str, np.ndarray]:
-    """MedusaHeads -> official keys ([out, in] weights), every layer written out."""
+    """MedusaHeads -> official keys ([out, in] weights), every layer written out. Quantized heads are refused:
+    no format takes them, and writing them dequantized would pass lossy weights off as the originals."""
+    if heads.quantized:
+        raise ValueError("quantized heads (quantize_heads) are for inference only and are not saved; save the "
+                         "heads they were made from")
     out = {}
     for i, head in enumerate(heads.heads):
         for j, block in enumerate(head.blocks):
@@ -191,9 +195,9 @@ def save_heads(heads: MedusaHeads, heads_dir: str, *, base_model: str | None = N
     shadowed by the new one, is removed. A directory whose config.json is not a heads config (a model
     directory) is refused rather than overwritten.
     """
+    tensors = heads_state_dict(heads)  # first: it refuses quantized heads before anything is created
     os.makedirs(heads_dir, exist_ok=True)
     _refuse_model_config(heads_dir)
-    tensors = heads_state_dict(heads)
     if dtype is not None:
         tensors = {k: np.asarray(v).astype(dtype) for k, v in tensors.items()}
     name = "medusa_lm_head.pt" if pt else "medusa_lm_head.safetensors"
@@ -238,9 +242,9 @@ def save_heads_vllm(heads: MedusaHeads, heads_dir: str, *, lm_head: np.ndarray |
     if heads.shared_lm_head and lm_head is None:
         raise CheckpointError("these heads share the base model's LM head, which vLLM's layout stores with them; "
                               "pass the base model (--model) to export it")
+    official = heads_state_dict(heads)  # first: it refuses quantized heads before anything is created
     os.makedirs(heads_dir, exist_ok=True)
     _refuse_model_config(heads_dir)
-    official = heads_state_dict(heads)
     tensors = {}
     for i in range(heads.num_heads):
         for j in range(heads.num_layers):

@@ -94,6 +94,17 @@ def test_generate_with_heads_compare(model_dir, heads_dir, capsys):
     assert rc == 0 and "speedup" in err and "identical tokens" in err
 
 
+def test_generate_with_int8_heads(model_dir, heads_dir, capsys):
+    rc = main(["generate", "--model", model_dir, "--heads", heads_dir, "--heads-int8", "--ids", "--max-new-tokens",
+               "10", "--max-len", "96", "--compare", "--json", "3,4,5"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["medusa"] and out["tokens"] == out["vanilla"]["tokens"]
+    rc = main(["generate", "--model", model_dir, "--heads-int8", "--ids", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--heads-int8 needs Medusa heads" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_tree_and_compare_errors(model_dir, heads_dir, capsys):
     rc = main(["generate", "--model", model_dir, "--heads", heads_dir, "--tree", "[[0],[0,0],[0,0,0],[0,0,0,0]]",
                "--ids", "3"])

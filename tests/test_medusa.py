@@ -208,6 +208,43 @@ def test_bad_trees_are_named(paths, message):
         build_tree(paths, num_heads=2)
 
 
+def test_int8_heads_are_close_lossless_and_inference_only(model, tmp_path):
+    """quantize_heads: every projection within half a step of its column's scale, logits close to the float
+    heads', greedy Medusa output still vanilla's, and no way to save or re-quantize them."""
+    import jax.numpy as jnp
+
+    from jaxmedusa.heads import Int8Projection
+
+    q = jaxmedusa.quantize_heads(model.heads)
+    assert q.quantized and not model.heads.quantized  # a copy: the model's heads are untouched
+    for fh, qh in zip(model.heads.heads, q.heads):
+        assert isinstance(qh.proj, Int8Projection) and qh.proj.qkernel[...].dtype == jnp.int8
+        w = np.asarray(fh.proj.kernel[...])
+        deq = np.asarray(qh.proj.qkernel[...], np.float32) * np.asarray(qh.proj.scale[...])
+        assert np.all(np.abs(deq - w) <= np.asarray(qh.proj.scale[...]) / 2 * (1 + 1e-5))
+    hidden = jnp.asarray(np.random.default_rng(5).standard_normal((3, model.config.embed_dim)), jnp.float32)
+    want, got = model.heads(hidden, model.lm.logits), q(hidden, model.lm.logits)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 0.02
+
+    prompts = prompts_of(np.random.default_rng(7), (5, 40))
+    vanilla = jaxmedusa.generate(model, prompts, max_new_tokens=24, medusa=False, eos_token_id=[])
+    int8 = jaxmedusa.generate(jaxmedusa.Model(model.lm, max_len=256, heads=q), prompts, max_new_tokens=24,
+                              eos_token_id=[])
+    assert int8.stats["medusa"] and int8.tokens == vanilla.tokens
+
+    with pytest.raises(ValueError, match="already quantized"):
+        jaxmedusa.quantize_heads(q)
+    from jaxmedusa.heads_io import save_heads_vllm
+
+    for save in (jaxmedusa.save_heads, save_heads_vllm):
+        with pytest.raises(ValueError, match="inference only"):
+            save(q, str(tmp_path / "heads"))
+        assert not (tmp_path / "heads").exists()
+    with pytest.raises(ValueError, match="share the base model's lm_head"):
+        jaxmedusa.quantize_heads(random_heads(model.lm, 2, 1, shared_lm_head=True))
+
+
 def test_medusa_requested_without_heads():
     model = jaxmedusa.Model(random_lm(seed=46), max_len=64)
     with pytest.raises(ValueError, match="no Medusa heads"):
