@@ -285,7 +285,8 @@ def test_flat_gemm_split_k_choice_and_limits():
     from jaxmedusa.kernels import flat_gemm
     from jaxmedusa.kernels.gemm_pallas import default_split_k
 
-    # Llama-2-7B at 128-column panels: o (32 panels) and down (32) split, qkv (96) and gate_up (172) less
+    # Llama-2-7B at 128-column panels, ~256 programs with at least 8 K steps each: o 4 (32 panels; 32 K steps
+    # allow no more), down 8 (32 panels), qkv 4 (96 panels), gate_up 2 (172 panels)
     assert [default_split_k(k, n, 128) for k, n in [(4096, 4096), (11008, 4096), (4096, 12288), (4096, 22016)]] \
         == [4, 8, 4, 2]
     assert default_split_k(1024, 4096, 128) == 1  # 8 K steps: too few to split
