@@ -22,16 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxmedusa
-from jaxmedusa.compile_cache import Hashed, cache_key
+from jaxmedusa.compile_cache import cache_key, unwrap
 from jaxmedusa.generate import prefill
 from jaxmedusa.heads import MedusaHeads
 from jaxmedusa.models import ModelConfig
 
 from decode import device_name, write_result
-
-
-def unwrap(graphdef):
-    return graphdef.value if isinstance(graphdef, Hashed) else graphdef
 
 
 def median_ms(fn, calls: int) -> float:

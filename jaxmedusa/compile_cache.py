@@ -33,9 +33,14 @@ class Hashed:
         return f"Hashed({self.value!r})"
 
 
+def unwrap(value: Any) -> Any:
+    """The value inside a Hashed, or the value itself."""
+    return value.value if isinstance(value, Hashed) else value
+
+
 def merge(graphdef: Any, state: Any) -> Any:
     """nnx.merge for a graphdef given as is or Hashed (what Model.split() returns)."""
-    return nnx.merge(graphdef.value if isinstance(graphdef, Hashed) else graphdef, state)
+    return nnx.merge(unwrap(graphdef), state)
 
 
 def _signature(args) -> tuple:
