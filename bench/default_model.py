@@ -156,10 +156,10 @@ def run_prompts(model, prompts, max_new_tokens: int, kinds: dict, repeats: int =
     optionally "heads" to run with), interleaved per prompt, in `repeats` rounds over all prompts; each round
     gives one speedup per kind (its tokens/s over vanilla's)."""
     kinds = {"vanilla": dict(medusa=False), **kinds}
-    own_heads = model.heads
+    original_heads = model.heads
 
     def generate(p, kw):
-        model.heads = kw.get("heads", own_heads)
+        model.heads = kw.get("heads", original_heads)
         return jaxmedusa.generate(model, p, max_new_tokens=max_new_tokens,
                                   **{k: v for k, v in kw.items() if k != "heads"})
 
@@ -200,7 +200,7 @@ def run_prompts(model, prompts, max_new_tokens: int, kinds: dict, repeats: int =
                        speedups=[round(x, 4) for x in speedups], identical_to_vanilla=not differing,
                        differing=differing)
         rows.append(row)
-    model.heads = own_heads
+    model.heads = original_heads
     return {"rows": rows, "repeats": repeats}
 
 
