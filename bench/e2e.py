@@ -3,6 +3,7 @@ Medusa verify step's cost relative to a vanilla step for T tree nodes, and trans
 
     python bench/e2e.py                         # Llama-2-7B shapes, bf16, on the GPU
     python bench/e2e.py --hf                    # + transformers' PyTorch generate (run in its own process)
+    python bench/e2e.py --api                   # + the verify step through jaxmedusa.generate()
     python bench/e2e.py --smoke                 # tiny shapes, any backend (checks the script itself)
 
 Weights are random (no hub is reachable) at the real shapes; speed does not depend on their values. The
@@ -100,6 +101,7 @@ def run_jax(args) -> dict:
     from jaxmedusa.compile_cache import call_compiled
     from jaxmedusa.generate import decode_loop
     from jaxmedusa.heads import MedusaHeads
+    from jaxmedusa.kernels.dispatch import loop_compiler_options
     from jaxmedusa.medusa import AcceptanceParams, medusa_loop
     from jaxmedusa.tree import build_tree
 
@@ -142,7 +144,7 @@ def run_jax(args) -> dict:
             cache = cache._replace(lengths=jnp.full((b,), p, jnp.int32))
             args_ = (state, cache, hidden, key, eos, jnp.float32(1.0), jnp.float32(1.0))
             static = dict(graphdef=graphdef, max_new_tokens=n, greedy=True, use_top_p=False, attn_impl=None)
-            (out, counts, steps, cache), c = call_compiled(decode_loop, args_, static)
+            (out, counts, steps, cache), c = call_compiled(decode_loop, args_, static, loop_compiler_options(tree=False))
             jax.block_until_ready(out)
             return cache, c, int(steps)
 
@@ -152,7 +154,7 @@ def run_jax(args) -> dict:
             args_ = (state, heads_state, cache, hidden, key, eos, params)
             static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=tree, max_new_tokens=n,
                           acceptance="greedy", use_top_p=False, attn_impl=None)
-            (out, counts, st, cache), c = call_compiled(medusa_loop, args_, static)
+            (out, counts, st, cache), c = call_compiled(medusa_loop, args_, static, loop_compiler_options(tree=True))
             jax.block_until_ready(out)
             return cache, c, int(st.steps)
 
@@ -190,6 +192,48 @@ def run_jax(args) -> dict:
                       flush=True)
         del cache
     return dict(copy_bandwidth=bw, param_bytes=param_bytes, vanilla=rows, verify=ratios)
+
+
+def run_api(args) -> list[dict]:
+    """Through the public API: jaxmedusa.generate() on a Model with random heads (so every step verifies the
+    whole tree and emits about one token), second call of each configuration; a step is the call's
+    decode_seconds / steps. Prompt tokens are random; the prefill is timed apart by generate() itself."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import jaxmedusa
+    from jaxmedusa.heads import MedusaHeads
+    from jaxmedusa.models import ModelConfig, create_lm
+
+    cfg = ModelConfig.from_hf_dict(MODELS[args.model])
+    lm = create_lm(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
+    n = args.steps
+    model = jaxmedusa.Model(lm, max_len=max(args.tree_prompts) + n + max(args.tree_sizes) + 64,
+                            heads=MedusaHeads.for_model(lm, 4, 1, rngs=nnx.Rngs(1)))
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in args.tree_batch:
+        for p in args.tree_prompts:
+            prompts = [rng.integers(3, cfg.vocab_size, size=p).tolist() for _ in range(b)]
+            base = None
+            for t in [1] + list(args.tree_sizes):
+                kw = dict(max_new_tokens=n, eos_token_id=[], **(dict(medusa=False) if t == 1 else
+                                                                 dict(tree=tree_of_size(t))))
+                jaxmedusa.generate(model, prompts, **kw)  # compile and warm up
+                st = jaxmedusa.generate(model, prompts, **kw).stats
+                step_ms = st["decode_seconds"] / st["steps"] * 1e3
+                base = step_ms if t == 1 else base
+                row = dict(batch=b, prompt=p, tree_nodes=t, step_ms=step_ms, steps=st["steps"],
+                           tokens_per_step=st["tokens_per_step"], ratio=step_ms / base,
+                           prefill_ms=st["prefill_seconds"] * 1e3)
+                rows.append(row)
+                print(f"api B={b} P={p} T={t}: {step_ms:.3f} ms/step ({st['steps']} steps, "
+                      f"{st['tokens_per_step']:.2f} tokens/step), {row['ratio']:.3f}x vanilla", flush=True)
+    del model, lm
+    jax.clear_caches()
+    return rows
 
 
 def run_hf(args) -> list[dict]:
@@ -258,6 +302,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (in a subprocess)")
+    ap.add_argument("--api", action="store_true",
+                    help="also time the verify step through jaxmedusa.generate() (--tree-batch x --tree-prompts)")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any backend")
     ap.add_argument("--out", default=None)
@@ -277,6 +323,8 @@ def main() -> None:
                   model=args.model, dtype=args.dtype, args=vars(args))
     out = args.out or os.path.join(HERE, "results", f"e2e-{result['date']}-{result['device'].replace(' ', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    if args.api:
+        result["api"] = run_api(args)
     result.update(run_jax(args))
     if hf_rows is not None:
         result["transformers"] = hf_rows
@@ -299,6 +347,10 @@ def main() -> None:
         for p in sorted({r["prompt"] for r in result["verify"] if r["batch"] == b}):
             cells = {r["tree_nodes"]: r["ratio"] for r in result["verify"] if r["batch"] == b and r["prompt"] == p}
             print(f"     {p:>6} " + " ".join(f"{cells[t]:<7.3f}" if cells.get(t) else f"{'-':<7}" for t in sizes))
+    if result.get("api"):
+        print("\nthrough jaxmedusa.generate(): ms per step (ratio to vanilla)")
+        for r in result["api"]:
+            print(f"B={r['batch']} P={r['prompt']} T={r['tree_nodes']:<4} {r['step_ms']:8.3f} ({r['ratio']:.3f})")
     write_json(out, result)
     print(f"wrote {out}")
 

@@ -14,9 +14,10 @@ kv_write, attention, o_proj, mlp, norm, lm_head, sampling, candidates, acceptanc
 "other" is everything outside those scopes (loop bookkeeping), and "idle" is the step time no kernel
 covers (launch gaps, the while loop's host round trip). Each row also lists its kernels with their calls per
 step (XLA reuses one kernel for identical fusions, so a name can cover every layer); `--dump DIR` writes the
-optimized HLO of each configuration, to read what a fusion holds. `--gemm-impls auto pallas` runs every
-tree row (T > 1) once per GEMM implementation (JAXMEDUSA_GEMM while it compiles; vanilla rows keep the
-default): the in-model A/B of the flat GEMM. Writes bench/results/verify-breakdown-DATE-DEVICE.json.
+optimized HLO of each configuration, to read what a fusion holds. `--gemm-impls xla cublas pallas` runs
+every row once per GEMM implementation (JAXMEDUSA_GEMM while it traces and compiles, with the XLA options
+generate() would use: kernels.dispatch.loop_compiler_options): the in-model A/B of XLA's autotuned GEMMs,
+cuBLAS alone, and the flat GEMM. Writes bench/results/verify-breakdown-DATE-DEVICE.json.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernels", type=int, default=0, metavar="N",
                     help="also print each configuration's N costliest kernels (ms a step, calls, us a call)")
-    ap.add_argument("--gemm-impls", nargs="+", choices=["auto", "xla", "pallas", "interpret"], default=None,
-                    help="run each tree row once per GEMM implementation (default: JAXMEDUSA_GEMM or auto only)")
+    ap.add_argument("--gemm-impls", nargs="+", choices=["auto", "xla", "cublas", "pallas", "interpret"],
+                    default=None,
+                    help="run each row once per GEMM implementation (default: JAXMEDUSA_GEMM or auto only); xla: "
+                         "XLA's autotuned pick (Triton or cuBLAS) per GEMM, cublas: Triton GEMMs off")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="also write each configuration's optimized HLO (gzipped) under DIR, to read what a fusion holds")
     args = ap.parse_args()
@@ -126,6 +129,7 @@ def main() -> None:
     from jaxmedusa.cache import KVCache
     from jaxmedusa.generate import decode_loop
     from jaxmedusa.heads import MedusaHeads, quantize_heads
+    from jaxmedusa.kernels.dispatch import loop_compiler_options
     from jaxmedusa.medusa import AcceptanceParams, medusa_loop
     from jaxmedusa.tree import build_tree
 
@@ -162,8 +166,8 @@ def main() -> None:
         hidden = jax.random.normal(key, (b, cfg.embed_dim), dtype)
         for p in args.prompts:
             for t in args.tree_sizes:
-                for kind, gemm in ([("-", None)] if t == 1 else
-                                   [(kind, g) for kind in args.heads for g in (args.gemm_impls or [None])]):
+                for kind, gemm in [(kind, g) for kind in (["-"] if t == 1 else args.heads)
+                                   for g in (args.gemm_impls or [None])]:
                     c = cache._replace(lengths=jnp.full((b,), p, jnp.int32))
                     if t == 1:
                         fn, fargs = decode_loop, (state, c, hidden, key, eos, jnp.float32(1.0), jnp.float32(1.0))
@@ -173,8 +177,11 @@ def main() -> None:
                         fn, fargs = medusa_loop, (state, hs, c, hidden, key, eos, params)
                         static = dict(graphdef=graphdef, heads_graphdef=hg, tree=build_tree(tree_of_size(t), num_heads=4),
                                       max_new_tokens=n, acceptance="greedy", use_top_p=False)
+                    if gemm:
+                        jax.clear_caches()  # jit reuses a trace of the same arguments: JAXMEDUSA_GEMM would not apply
                     with jax.default_matmul_precision(args.precision), gemm_impl(gemm):
-                        compiled = fn.lower(*fargs, **static).compile()
+                        options = loop_compiler_options(tree=t > 1, quantized_heads=kind == "own-int8")
+                        compiled = fn.lower(*fargs, **static).compile(compiler_options=options)
                     hlo = compiled.as_text()
                     scopes = scope_map(hlo)
                     if args.dump:

@@ -50,22 +50,25 @@ def _signature(args) -> tuple:
                           (getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves)
 
 
-def cache_key(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple:
-    """What identifies one compilation: the function, its static arguments and the arguments' signature."""
-    return fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args)
+def cache_key(fn: Callable, args: tuple, static: dict[str, Any], compiler_options: dict | None = None) -> tuple:
+    """What identifies one compilation: the function, its static arguments, the arguments' signature and the
+    XLA options it is compiled with."""
+    return (fn, tuple(sorted(static.items(), key=lambda kv: kv[0])), _signature(args),
+            tuple(sorted((compiler_options or {}).items())))
 
 
-def call_compiled(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple[Any, float]:
-    """Runs jitted `fn(*args, **static)` through a cached `lower().compile()`.
+def call_compiled(fn: Callable, args: tuple, static: dict[str, Any],
+                  compiler_options: dict | None = None) -> tuple[Any, float]:
+    """Runs jitted `fn(*args, **static)` through a cached `lower().compile(compiler_options)`.
 
     Returns (outputs, seconds spent compiling in this call, 0.0 on a cache hit).
     """
-    key = cache_key(fn, args, static)
+    key = cache_key(fn, args, static, compiler_options)
     compiled = _CACHE.get(key)
     seconds = 0.0
     if compiled is None:
         t0 = time.perf_counter()
-        compiled = fn.lower(*args, **static).compile()
+        compiled = fn.lower(*args, **static).compile(compiler_options=compiler_options)
         seconds = time.perf_counter() - t0
         _CACHE[key] = compiled
     return compiled(*args), seconds

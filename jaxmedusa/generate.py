@@ -18,9 +18,10 @@ from jax.sharding import NamedSharding
 
 from .cache import KVCache
 from .compile_cache import call_compiled, merge
+from .kernels.dispatch import loop_compiler_options
 from .loading import Model
 from .memory import cache_bucket, check_request, clear_oom
-from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step
+from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step_with
 from . import sharding
 from .sampling import choose_tokens
 from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, published_trees
@@ -188,6 +189,12 @@ def traced_calls(model: Model) -> Iterator[None]:
         yield
 
 
+def verify_compiler_options(model: Model) -> dict | None:
+    """XLA options for the model's Medusa verify loop and stream step (kernels.dispatch.loop_compiler_options:
+    cuBLAS GEMMs on a GPU unless the heads are int8)."""
+    return loop_compiler_options(tree=True, quantized_heads=model.heads is not None and model.heads.quantized)
+
+
 def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, temperature: float, top_p: float,
               attn_impl) -> GenerationResult:
     graphdef, state = run.graphdef, run.state
@@ -202,7 +209,8 @@ def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, tempera
                       max_new_tokens=max_new_tokens, acceptance=run.acceptance, use_top_p=top_p < 1.0,
                       attn_impl=attn_impl)
         with clear_oom("the Medusa decode loop"):
-            (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static)
+            (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static,
+                                                               verify_compiler_options(model))
             out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
         steps = medusa_stats.steps
     else:
@@ -331,11 +339,11 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
         with traced_calls(model):
             s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
         n = jnp.zeros((b,), jnp.int32)
+        step_fn = medusa_stream_step_with(tuple(sorted((verify_compiler_options(model) or {}).items())))
         while not bool(jnp.all(done)):
             with traced_calls(model):
-                s, tokens, take, n, done = medusa_stream_step(run.state, heads_state, s, n, done, run.eos,
-                                                              run.params, max_new_tokens=max_new_tokens,
-                                                              attn_impl=attn_impl, **static)
+                s, tokens, take, n, done = step_fn(run.state, heads_state, s, n, done, run.eos, run.params,
+                                                   max_new_tokens=max_new_tokens, attn_impl=attn_impl, **static)
             tokens, take = jax.device_get((tokens, take))
             yield [tokens[i, :take[i]].tolist() for i in range(b)]
     else:

@@ -18,8 +18,8 @@ Acceptance rules (per parent node p with child candidate x):
 
 from __future__ import annotations
 
-from functools import partial
-from typing import NamedTuple
+from functools import cache, partial
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -269,10 +269,9 @@ def medusa_start(state, heads_state, cache: KVCache, hidden, key, params: Accept
                          key, params, acceptance=acceptance, use_top_p=use_top_p)
 
 
-@partial(jax.jit, static_argnames=_STEP_STATIC + ("max_new_tokens",), donate_argnames=("s",))
-def medusa_stream_step(state, heads_state, s: StepState, n, done, eos_ids, params: AcceptanceParams, *, graphdef,
-                       heads_graphdef, tree: TreeBuffers, max_new_tokens: int, acceptance: str, use_top_p: bool,
-                       attn_impl=None):
+def _medusa_stream_step(state, heads_state, s: StepState, n, done, eos_ids, params: AcceptanceParams, *, graphdef,
+                        heads_graphdef, tree: TreeBuffers, max_new_tokens: int, acceptance: str, use_top_p: bool,
+                        attn_impl=None):
     """One Medusa step for stream(): (state, tokens [B, D + 1], take [B], n [B], done [B])."""
     lm = merge(graphdef, state)
     heads = merge(heads_graphdef, heads_state)
@@ -280,6 +279,15 @@ def medusa_stream_step(state, heads_state, s: StepState, n, done, eos_ids, param
                                 attn_impl=attn_impl)
     take, n, done = commit_emitted(emitted, ~done, n, done, eos_ids, max_new_tokens)
     return s, emitted.tokens, take, n, done
+
+
+@cache
+def medusa_stream_step_with(compiler_options: tuple = ()) -> Callable:
+    """The jitted stream step compiled with these XLA options ((name, value) pairs, as
+    kernels.dispatch.loop_compiler_options gives them): jit takes its options when it wraps the function."""
+    return jax.jit(_medusa_stream_step, static_argnames=_STEP_STATIC + ("max_new_tokens",), donate_argnames=("s",),
+                   compiler_options=dict(compiler_options) or None)
+
 
 
 class LoopStats(NamedTuple):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from . import attention_pallas, reference
 from .attention_pallas import kernel_supports
-from .gemm_pallas import default_split_k, flat_gemm, flat_gemm_supports
+from .gemm_pallas import flat_gemm, flat_gemm_supports
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
@@ -129,28 +129,55 @@ def training_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")[:, :t]
 
 
-GEMM_IMPLS = ("auto", "xla", "pallas", "interpret")
+GEMM_IMPLS = ("auto", "xla", "cublas", "pallas", "interpret")
 GEMM_ENV_VAR = "JAXMEDUSA_GEMM"
-# Rows (M = batch x new tokens) for which "auto" picks the flat GEMM; None: never. Measured in the model's
-# loop on an H100 (bench/verify_breakdown.py, 7B, 2026-11-24): the flat GEMM ties XLA at M = 64 and loses
-# at M = 1 and 16 (XLA: 99% of the streaming bound at M = 1, ~85% at M = 64), so auto keeps XLA.
+# Rows (M = batch x new tokens) for which "auto" picks the flat GEMM; None: never. In the model's loop on an
+# H200 (bench/verify_breakdown.py, 7B, 2026-12-02) the flat GEMM loses to XLA at M = 1 and 64, as it did on
+# an H100; its one win in isolation is the fused QKV product at 16-64 rows (bench/gemm_layers.py --per-gemm).
 FLAT_GEMM_ROWS: tuple[int, int] | None = None
+# XLA's options that turn its Triton GEMM emitter off for one compilation: every GEMM goes to cuBLAS.
+CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def _gemm_choice(impl: str | None) -> str:
+    choice = impl or os.environ.get(GEMM_ENV_VAR) or "auto"
+    if choice not in GEMM_IMPLS:
+        raise ValueError(f"gemm impl {choice!r} ({GEMM_ENV_VAR} or impl=) is not one of {', '.join(GEMM_IMPLS)}")
+    return choice
 
 
 def resolve_gemm_impl(m: int, k: int, n: int, dtype, impl: str | None = None) -> str:
     """"xla" or "pallas"/"interpret" for x [M, K] @ w [K, N]: explicit argument, then JAXMEDUSA_GEMM, then
     auto (the flat GEMM on a GPU for M within FLAT_GEMM_ROWS and bf16/fp16, today never; XLA's GEMM
-    elsewhere). A Pallas choice falls back to XLA for shapes the kernel does not take."""
-    choice = impl or os.environ.get(GEMM_ENV_VAR) or "auto"
-    if choice not in GEMM_IMPLS:
-        raise ValueError(f"gemm impl {choice!r} ({GEMM_ENV_VAR} or impl=) is not one of {', '.join(GEMM_IMPLS)}")
+    elsewhere). "cublas" is XLA's GEMM here (loop_compiler_options picks the library). A Pallas choice falls
+    back to XLA for shapes the kernel does not take."""
+    choice = _gemm_choice(impl)
     if choice == "auto":
         low, high = FLAT_GEMM_ROWS or (1, 0)
         choice = ("pallas" if jax.default_backend() == "gpu" and low <= m <= high
                   and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla")
+    if choice == "cublas":
+        return "xla"
     if choice in ("pallas", "interpret") and not flat_gemm_supports(m, k, n):
         return "xla"
     return choice
+
+
+def loop_compiler_options(tree: bool, *, quantized_heads: bool = False, impl: str | None = None) -> dict | None:
+    """XLA options to compile a decode loop (tree=False) or a Medusa verify loop/step (tree=True) with.
+
+    "cublas" (JAXMEDUSA_GEMM or impl=) sends every GEMM of the compilation to cuBLAS; "auto" does so for a
+    verify loop on a GPU. There XLA's autotuner, timing each GEMM alone, picks Triton GEMMs for the 64-row
+    products whose split-K partials then cost a residual add of 4 us each, while cuBLAS fuses the residual
+    into the GEMM (its "badd" kernels): a 64-node verify step of 7B on an H200 took 5.09 instead of 5.27 ms
+    (bench/verify_breakdown.py --gemm-impls auto cublas, 2026-12-02). Not with int8 heads: cuBLAS cannot
+    take the int8 operand, so XLA writes the dequantized [H, V] matrix out first (6.13 instead of 5.31 ms).
+    Single-token decode keeps XLA's choice: cuBLAS was 8% slower at one row (bench/gemm_layers.py --flags)."""
+    choice = _gemm_choice(impl)
+    if choice == "cublas" or (choice == "auto" and tree and not quantized_heads
+                              and jax.default_backend() == "gpu"):
+        return dict(CUBLAS_OPTIONS)
+    return None
 
 
 def matmul(x: jax.Array, w: jax.Array, *, impl: str | None = None) -> jax.Array:
@@ -164,21 +191,14 @@ def matmul(x: jax.Array, w: jax.Array, *, impl: str | None = None) -> jax.Array:
     return y.reshape(*x.shape[:-1], n)
 
 
-def _flat_gemm_tiled(x, w, interpret):
-    """The flat GEMM with its default tiles: 128-column panels split along K when N has few of them."""
-    k, n = w.shape
-    split = default_split_k(k, n, 128) if n % 128 == 0 else 1
-    return flat_gemm(x, w, split_k=split, interpret=interpret)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _flat_gemm_diff(x, w, interpret):
     """The flat GEMM with XLA's products as its gradient (pallas_call itself has no autodiff rule)."""
-    return _flat_gemm_tiled(x, w, interpret)
+    return flat_gemm(x, w, interpret=interpret)
 
 
 def _flat_gemm_fwd(x, w, interpret):
-    return _flat_gemm_tiled(x, w, interpret), (x, w)
+    return flat_gemm(x, w, interpret=interpret), (x, w)
 
 
 def _flat_gemm_bwd(interpret, res, g):

@@ -8,10 +8,11 @@ every program from L2.
 
 split_k > 1 also splits K: program (j, s) walks the s-th of split_k ranges of K steps and adds its partial
 panel into a zeroed float32 output with atomic adds, so there is one GEMM launch (after a zero fill) and no
-[split_k, M, N] partials for a later kernel to read back. XLA's split-K writes those, and at 64 rows each
-residual add that reduces them takes 4 us on an H200, against 1.5 at one row. The cast back to x's dtype
-is left to XLA, which fuses it into the consumer. Float atomics make the sum's order, and so its last
-bits, vary from run to run.
+[split_k, M, N] partials for a later kernel to read back. Float atomics make the sum's order, and so its last
+bits, vary from run to run. Measured on an H200 (bench/gemm_layers.py --per-gemm --split-k 1 2 4 8,
+2026-12-02) every split lost to split_k = 1 at every 7B shape and M = 1, 16, 64 (at 64 rows by 1.3-3x: the
+float32 atomics of many programs on one panel serialise), so the dispatcher never splits; the option stays
+for experiments on other chips.
 
 Portable Pallas lowered to Triton, like the attention kernels, and interpretable on CPU for tests.
 `flat_gemm_reference` is the ground truth (jnp.dot, float32 accumulate).
@@ -65,16 +66,6 @@ def default_block_n(n: int) -> int:
         if n % bn == 0 and n // bn >= 128:
             return bn
     return 16
-
-
-def default_split_k(k: int, n: int, block_n: int, block_k: int = 128, programs: int = 256) -> int:
-    """The fewest K splits (a power of two, each split at least 8 block_k steps) that give about `programs`
-    programs: two per SM of an H100/H200 (132), so a panel count like 32 (N = 4096 at block_n 128) still
-    streams from every SM. Unmeasured on a GPU as of 2026-12-02: bench/gemm_layers.py --split-k sweeps it."""
-    split = 1
-    while (n // block_n) * split < programs and k // block_k >= 2 * split * 8:
-        split *= 2
-    return split
 
 
 def flat_gemm_supports(m: int, k: int, n: int, block_k: int = 128) -> bool:

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import jaxmedusa
@@ -74,6 +75,18 @@ def test_call_compiled_compiles_once_per_signature():
     assert other_dtype > 0 and other_shape > 0 and other_static > 0
     assert cache_key(fn, (x32,), dict(k=3)) == cache_key(fn, (x32 * 0,), dict(k=3))
     assert cache_key(fn, (x32,), dict(k=3)) != cache_key(fn, (np.ones(4, np.float32),), dict(k=3))
+
+
+def test_call_compiled_keys_on_compiler_options():
+    fn = jax.jit(lambda x: x @ x)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)
+    plain, first = call_compiled(fn, (x,), {})
+    tuned, other = call_compiled(fn, (x,), {}, {"xla_gpu_enable_triton_gemm": False})
+    _, again = call_compiled(fn, (x,), {}, {"xla_gpu_enable_triton_gemm": False})
+    assert first > 0 and other > 0 and again == 0.0
+    np.testing.assert_allclose(tuned, plain, rtol=1e-6)
+    with pytest.raises(Exception, match="no_such_option"):
+        call_compiled(fn, (x,), {}, {"no_such_option": 1})
 
 
 def test_generate_and_stream_reuse_compilations_across_equal_models():

@@ -281,15 +281,9 @@ def test_flat_gemm_matches_reference(m, k, n, dtype, split_k):
     assert rel_err(got, flat_gemm_reference(x, w)) < (1e-5 if dtype == jnp.float32 else 1e-2)
 
 
-def test_flat_gemm_split_k_choice_and_limits():
+def test_flat_gemm_split_k_limits():
     from jaxmedusa.kernels import flat_gemm
-    from jaxmedusa.kernels.gemm_pallas import default_split_k
 
-    # Llama-2-7B at 128-column panels, ~256 programs with at least 8 K steps each: o 4 (32 panels; 32 K steps
-    # allow no more), down 8 (32 panels), qkv 4 (96 panels), gate_up 2 (172 panels)
-    assert [default_split_k(k, n, 128) for k, n in [(4096, 4096), (11008, 4096), (4096, 12288), (4096, 22016)]] \
-        == [4, 8, 4, 2]
-    assert default_split_k(1024, 4096, 128) == 1  # 8 K steps: too few to split
     x, w = jnp.ones((4, 256), jnp.float32), jnp.ones((256, 128), jnp.float32)
     with pytest.raises(ValueError, match="split_k=3"):
         flat_gemm(x, w, split_k=3, interpret=True)  # 2 K steps of 128
@@ -316,6 +310,23 @@ def test_gemm_dispatcher_choice_per_rows(monkeypatch):
         dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16)
 
 
+def test_loop_compiler_options_send_verify_gemms_to_cublas_on_a_gpu(monkeypatch):
+    from jaxmedusa.kernels import dispatch
+
+    assert dispatch.loop_compiler_options(tree=True) is None  # CPU: nothing to choose
+    assert dispatch.loop_compiler_options(tree=False, impl="cublas") == dispatch.CUBLAS_OPTIONS
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    assert dispatch.loop_compiler_options(tree=True) == {"xla_gpu_enable_triton_gemm": False}
+    assert dispatch.loop_compiler_options(tree=False) is None  # one-row decode keeps XLA's pick
+    assert dispatch.loop_compiler_options(tree=True, quantized_heads=True) is None  # int8 heads: Triton fuses
+    for impl in ("xla", "pallas"):
+        assert dispatch.loop_compiler_options(tree=True, impl=impl) is None
+    assert dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16, "cublas") == "xla"
+    monkeypatch.setenv("JAXMEDUSA_GEMM", "nope")
+    with pytest.raises(ValueError, match="'nope'"):
+        dispatch.loop_compiler_options(tree=True)
+
+
 def test_matmul_through_the_flat_gemm_and_its_gradient():
     import jax
 
@@ -336,7 +347,6 @@ def test_model_with_flat_gemm_equals_xla_path(monkeypatch):
     from conftest import random_lm
     from jaxmedusa.cache import KVCache
 
-    # intermediate 2048: the down projection (16 K steps, one panel) takes the split-K path
     lm = random_lm(seed=33, hidden_size=128, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2)
     ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 16)), jnp.int32)
     outs = []

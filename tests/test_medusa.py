@@ -265,6 +265,24 @@ def test_stream_chunks_equal_generate(model, kw):
     assert len(chunks) >= 1 and all(len(c) == 2 for c in chunks)
 
 
+def test_verify_loop_compiles_with_the_dispatchers_xla_options(model, monkeypatch):
+    """generate()'s Medusa loop and stream()'s step are compiled with kernels.dispatch.loop_compiler_options
+    (cuBLAS GEMMs: Triton's off); the options change the kernels, not the greedy tokens."""
+    from jaxmedusa import compile_cache
+    from jaxmedusa.kernels.dispatch import CUBLAS_OPTIONS
+    from jaxmedusa.medusa import medusa_loop, medusa_stream_step_with
+
+    prompts = prompts_of(np.random.default_rng(8), (6, 13))
+    want = jaxmedusa.generate(model, prompts, max_new_tokens=12, eos_token_id=[], medusa=False).tokens
+    monkeypatch.setenv("JAXMEDUSA_GEMM", "cublas")
+    assert jaxmedusa.generate(model, prompts, max_new_tokens=12, eos_token_id=[]).tokens == want
+    options = tuple(sorted(CUBLAS_OPTIONS.items()))
+    assert any(key[0] is medusa_loop and key[-1] == options for key in compile_cache._CACHE)
+    chunks = list(jaxmedusa.stream(model, prompts, max_new_tokens=12, eos_token_id=[]))
+    assert [sum((c[i] for c in chunks), []) for i in range(2)] == want
+    assert medusa_stream_step_with(options)._cache_size() >= 1
+
+
 def test_float32_models_trace_true_float32_products(model):
     """generate() and stream() trace a float32 model's products at HIGHEST precision (no TF32 on a GPU, whose
     rounding differs between the verify and decode kernels); other dtypes keep JAX's default."""
