@@ -144,7 +144,8 @@ def run_jax(args) -> dict:
             cache = cache._replace(lengths=jnp.full((b,), p, jnp.int32))
             args_ = (state, cache, hidden, key, eos, jnp.float32(1.0), jnp.float32(1.0))
             static = dict(graphdef=graphdef, max_new_tokens=n, greedy=True, use_top_p=False, attn_impl=None)
-            (out, counts, steps, cache), c = call_compiled(decode_loop, args_, static, loop_compiler_options(tree=False))
+            options = loop_compiler_options(tree=False)
+            (out, counts, steps, cache), c = call_compiled(decode_loop, args_, static, options)
             jax.block_until_ready(out)
             return cache, c, int(steps)
 
@@ -154,7 +155,8 @@ def run_jax(args) -> dict:
             args_ = (state, heads_state, cache, hidden, key, eos, params)
             static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=tree, max_new_tokens=n,
                           acceptance="greedy", use_top_p=False, attn_impl=None)
-            (out, counts, st, cache), c = call_compiled(medusa_loop, args_, static, loop_compiler_options(tree=True))
+            options = loop_compiler_options(tree=True, rows=b * tree.size)  # as generate() compiles it
+            (out, counts, st, cache), c = call_compiled(medusa_loop, args_, static, options)
             jax.block_until_ready(out)
             return cache, c, int(st.steps)
 

@@ -114,6 +114,9 @@ def main() -> None:
                     default=None,
                     help="run each row once per GEMM implementation (default: JAXMEDUSA_GEMM or auto only); xla: "
                          "XLA's autotuned pick (Triton or cuBLAS) per GEMM, cublas: Triton GEMMs off")
+    ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an XLA debug option to compile every row with, on top of generate()'s (repeatable), e.g. "
+                         "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="also write each configuration's optimized HLO (gzipped) under DIR, to read what a fusion holds")
     args = ap.parse_args()
@@ -146,6 +149,7 @@ def main() -> None:
     for kind in args.heads:
         h = MedusaHeads.for_model(lm, 4, 1, shared_lm_head=kind == "shared", rngs=nnx.Rngs(1))
         heads[kind] = nnx.split(quantize_heads(h) if kind == "own-int8" else h)
+    extra_options = dict(parse_option(o) for o in args.xla_option)
     n = args.steps
     key = jax.random.key(0)
     eos = jnp.asarray([-1], jnp.int32)
@@ -154,7 +158,7 @@ def main() -> None:
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
                   model=args.model, dtype=str(jnp.dtype(dtype)), steps=n, precision=args.precision,
                   attention=os.environ.get("JAXMEDUSA_ATTENTION", "auto"),
-                  gemm=os.environ.get("JAXMEDUSA_GEMM", "auto"))
+                  gemm=os.environ.get("JAXMEDUSA_GEMM", "auto"), xla_options=extra_options)
     out = args.out or os.path.join(HERE, "results", f"verify-breakdown-{result['date']}-"
                                                     f"{result['device'].replace(' ', '_')}.json")
     trace_root = tempfile.mkdtemp(prefix="verify-trace-")
@@ -180,7 +184,8 @@ def main() -> None:
                     if gemm:
                         jax.clear_caches()  # jit reuses a trace of the same arguments: JAXMEDUSA_GEMM would not apply
                     with jax.default_matmul_precision(args.precision), gemm_impl(gemm):
-                        options = loop_compiler_options(tree=t > 1, quantized_heads=kind == "own-int8")
+                        options = loop_compiler_options(tree=t > 1, rows=b * t, quantized_heads=kind == "own-int8")
+                        options = {**(options or {}), **extra_options} or None
                         compiled = fn.lower(*fargs, **static).compile(compiler_options=options)
                     hlo = compiled.as_text()
                     scopes = scope_map(hlo)
@@ -243,6 +248,16 @@ def main() -> None:
     if args.kernels:
         print_kernels(result, args.kernels)
     print(f"wrote {out}")
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """NAME=VALUE -> (name, bool | int | str), as XLA's compile options take them."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--xla-option {text!r}: expected NAME=VALUE")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    return name, int(value) if value.lstrip("-").isdigit() else value
 
 
 @contextlib.contextmanager

@@ -189,10 +189,11 @@ def traced_calls(model: Model) -> Iterator[None]:
         yield
 
 
-def verify_compiler_options(model: Model) -> dict | None:
-    """XLA options for the model's Medusa verify loop and stream step (kernels.dispatch.loop_compiler_options:
-    cuBLAS GEMMs on a GPU unless the heads are int8)."""
-    return loop_compiler_options(tree=True, quantized_heads=model.heads is not None and model.heads.quantized)
+def verify_compiler_options(model: Model, run: "_Run") -> dict | None:
+    """XLA options for the request's Medusa verify loop and stream step (kernels.dispatch.loop_compiler_options:
+    cuBLAS GEMMs on a GPU from 64 rows, batch x tree nodes, unless the heads are int8)."""
+    return loop_compiler_options(tree=True, rows=len(run.ids) * run.tree.size,
+                                 quantized_heads=model.heads is not None and model.heads.quantized)
 
 
 def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, temperature: float, top_p: float,
@@ -210,7 +211,7 @@ def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, tempera
                       attn_impl=attn_impl)
         with clear_oom("the Medusa decode loop"):
             (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static,
-                                                               verify_compiler_options(model))
+                                                               verify_compiler_options(model, run))
             out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
         steps = medusa_stats.steps
     else:
@@ -339,7 +340,7 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
         with traced_calls(model):
             s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
         n = jnp.zeros((b,), jnp.int32)
-        step_fn = medusa_stream_step_with(tuple(sorted((verify_compiler_options(model) or {}).items())))
+        step_fn = medusa_stream_step_with(tuple(sorted((verify_compiler_options(model, run) or {}).items())))
         while not bool(jnp.all(done)):
             with traced_calls(model):
                 s, tokens, take, n, done = step_fn(run.state, heads_state, s, n, done, run.eos, run.params,

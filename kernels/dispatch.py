@@ -132,11 +132,14 @@ def training_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 GEMM_IMPLS = ("auto", "xla", "cublas", "pallas", "interpret")
 GEMM_ENV_VAR = "JAXMEDUSA_GEMM"
 # Rows (M = batch x new tokens) for which "auto" picks the flat GEMM; None: never. In the model's loop on an
-# H200 (bench/verify_breakdown.py, 7B, 2026-12-02) the flat GEMM loses to XLA at M = 1 and 64, as it did on
-# an H100; its one win in isolation is the fused QKV product at 16-64 rows (bench/gemm_layers.py --per-gemm).
+# H200 (bench/verify_breakdown.py --gemm-impls xla pallas, 7B, 2026-12-02) the flat GEMM lost to XLA at every
+# B x T tried (B=1 T=1: 5.00 vs 4.51 ms, T=64: 6.01 vs 5.37; B=4 T=16: 6.13 vs 5.73), as it did on an H100;
+# its one win in isolation is the fused QKV product at 16-64 rows (bench/gemm_layers.py --per-gemm).
 FLAT_GEMM_ROWS: tuple[int, int] | None = None
 # XLA's options that turn its Triton GEMM emitter off for one compilation: every GEMM goes to cuBLAS.
 CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# GEMM rows (batch x tree nodes) from which "auto" compiles a verify step with CUBLAS_OPTIONS on a GPU.
+CUBLAS_MIN_ROWS = 64
 
 
 def _gemm_choice(impl: str | None) -> str:
@@ -163,18 +166,22 @@ def resolve_gemm_impl(m: int, k: int, n: int, dtype, impl: str | None = None) ->
     return choice
 
 
-def loop_compiler_options(tree: bool, *, quantized_heads: bool = False, impl: str | None = None) -> dict | None:
-    """XLA options to compile a decode loop (tree=False) or a Medusa verify loop/step (tree=True) with.
+def loop_compiler_options(tree: bool, rows: int = 0, *, quantized_heads: bool = False,
+                          impl: str | None = None) -> dict | None:
+    """XLA options to compile a decode loop (tree=False) or a Medusa verify loop/step (tree=True) with, whose
+    GEMMs have `rows` rows (batch x tree nodes).
 
     "cublas" (JAXMEDUSA_GEMM or impl=) sends every GEMM of the compilation to cuBLAS; "auto" does so for a
-    verify loop on a GPU. There XLA's autotuner, timing each GEMM alone, picks Triton GEMMs for the 64-row
-    products whose split-K partials then cost a residual add of 4 us each, while cuBLAS fuses the residual
-    into the GEMM (its "badd" kernels): a 64-node verify step of 7B on an H200 took 5.09 instead of 5.27 ms
-    (bench/verify_breakdown.py --gemm-impls auto cublas, 2026-12-02). Not with int8 heads: cuBLAS cannot
-    take the int8 operand, so XLA writes the dequantized [H, V] matrix out first (6.13 instead of 5.31 ms).
-    Single-token decode keeps XLA's choice: cuBLAS was 8% slower at one row (bench/gemm_layers.py --flags)."""
+    verify step of CUBLAS_MIN_ROWS rows or more on a GPU. There XLA's autotuner, timing each GEMM alone,
+    picks Triton GEMMs whose split-K partials then cost a residual add of 4 us each, while cuBLAS fuses the
+    residual into the GEMM (its "badd" kernels). In the model's loop (7B, prompt 1k, H200, 2026-12-02,
+    bench/verify_breakdown.py --gemm-impls xla cublas) the step took, XLA's pick -> cuBLAS: B=1 T=64 5.37 ->
+    5.16 ms (shared-lm_head heads 5.05 -> 4.91), B=4 T=16 5.73 -> 5.62, B=4 T=32 6.07 -> 5.97; but B=1 T=16
+    4.63 -> 5.02, T=32 5.02 -> 5.11, and one-row decode 4.51 -> 4.62 (B=4: 4.77 -> 5.34), where it is left.
+    Not with int8 heads: cuBLAS cannot take the int8 operand, so XLA writes the dequantized [H, V] matrix
+    out first (B=1 T=64 6.13 instead of 5.31 ms)."""
     choice = _gemm_choice(impl)
-    if choice == "cublas" or (choice == "auto" and tree and not quantized_heads
+    if choice == "cublas" or (choice == "auto" and tree and rows >= CUBLAS_MIN_ROWS and not quantized_heads
                               and jax.default_backend() == "gpu"):
         return dict(CUBLAS_OPTIONS)
     return None

@@ -316,11 +316,14 @@ def test_loop_compiler_options_send_verify_gemms_to_cublas_on_a_gpu(monkeypatch)
     assert dispatch.loop_compiler_options(tree=True) is None  # CPU: nothing to choose
     assert dispatch.loop_compiler_options(tree=False, impl="cublas") == dispatch.CUBLAS_OPTIONS
     monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
-    assert dispatch.loop_compiler_options(tree=True) == {"xla_gpu_enable_triton_gemm": False}
-    assert dispatch.loop_compiler_options(tree=False) is None  # one-row decode keeps XLA's pick
-    assert dispatch.loop_compiler_options(tree=True, quantized_heads=True) is None  # int8 heads: Triton fuses
+    low = dispatch.CUBLAS_MIN_ROWS
+    assert dispatch.loop_compiler_options(tree=True, rows=low) == {"xla_gpu_enable_triton_gemm": False}
+    assert dispatch.loop_compiler_options(tree=True, rows=4 * low) == dispatch.CUBLAS_OPTIONS
+    assert dispatch.loop_compiler_options(tree=True, rows=low - 1) is None  # few rows: XLA's pick was faster
+    assert dispatch.loop_compiler_options(tree=False, rows=low) is None  # one-row decode keeps XLA's pick
+    assert dispatch.loop_compiler_options(tree=True, rows=low, quantized_heads=True) is None  # Triton fuses int8
     for impl in ("xla", "pallas"):
-        assert dispatch.loop_compiler_options(tree=True, impl=impl) is None
+        assert dispatch.loop_compiler_options(tree=True, rows=low, impl=impl) is None
     assert dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16, "cublas") == "xla"
     monkeypatch.setenv("JAXMEDUSA_GEMM", "nope")
     with pytest.raises(ValueError, match="'nope'"):
