@@ -158,7 +158,8 @@ def main() -> None:
     result = dict(date=datetime.date.today().isoformat(), device=device_name(), jax=jax.__version__,
                   model=args.model, dtype=str(jnp.dtype(dtype)), steps=n, precision=args.precision,
                   attention=os.environ.get("JAXMEDUSA_ATTENTION", "auto"),
-                  gemm=os.environ.get("JAXMEDUSA_GEMM", "auto"), xla_options=extra_options)
+                  gemm=os.environ.get("JAXMEDUSA_GEMM", "auto"), norm=os.environ.get("JAXMEDUSA_NORM", "auto"),
+                  xla_options=extra_options)
     out = args.out or os.path.join(HERE, "results", f"verify-breakdown-{result['date']}-"
                                                     f"{result['device'].replace(' ', '_')}.json")
     trace_root = tempfile.mkdtemp(prefix="verify-trace-")

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from . import attention_pallas, reference
 from .attention_pallas import kernel_supports
 from .gemm_pallas import flat_gemm, flat_gemm_supports
+from .norm_pallas import add_rms_norm_reference, add_rms_norm_supports
+from .norm_pallas import add_rms_norm as add_rms_norm_pallas
 
 IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
@@ -214,3 +216,47 @@ def _flat_gemm_bwd(interpret, res, g):
 
 
 _flat_gemm_diff.defvjp(_flat_gemm_fwd, _flat_gemm_bwd)
+
+
+NORM_IMPLS = ("auto", "xla", "pallas", "interpret")
+NORM_ENV_VAR = "JAXMEDUSA_NORM"
+
+
+def resolve_norm_impl(hidden: int, impl: str | None = None) -> str:
+    """"xla" or "pallas"/"interpret" for a residual add + RMSNorm over rows of `hidden`: explicit argument, then
+    JAXMEDUSA_NORM, then auto: XLA, because the fused kernel, faster alone, made the model's step no faster at
+    one row and slower at 64 (kernels/norm_pallas.py has the numbers). A Pallas choice falls back to XLA for
+    row lengths the kernel does not take."""
+    choice = impl or os.environ.get(NORM_ENV_VAR) or "auto"
+    if choice not in NORM_IMPLS:
+        raise ValueError(f"norm impl {choice!r} ({NORM_ENV_VAR} or impl=) is not one of {', '.join(NORM_IMPLS)}")
+    if choice == "auto" or (choice in ("pallas", "interpret") and not add_rms_norm_supports(hidden)):
+        return "xla"
+    return choice
+
+
+def add_rms_norm(x: jax.Array, a: jax.Array, weight: jax.Array, *, eps: float, scale_in_float32: bool = False,
+                 impl: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """(x + a, RMSNorm(x + a)): a residual add and the norm after it, through XLA or one Pallas kernel."""
+    chosen = resolve_norm_impl(x.shape[-1], impl)
+    if chosen == "xla":
+        return add_rms_norm_reference(x, a, weight, eps, scale_in_float32)
+    return _add_rms_norm_diff(x, a, weight, float(eps), scale_in_float32, chosen == "interpret")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _add_rms_norm_diff(x, a, weight, eps, scale_in_float32, interpret):
+    """The fused kernel with the reference's gradient (pallas_call itself has no autodiff rule)."""
+    return add_rms_norm_pallas(x, a, weight, eps=eps, scale_in_float32=scale_in_float32, interpret=interpret)
+
+
+def _add_rms_norm_fwd(x, a, weight, eps, scale_in_float32, interpret):
+    return _add_rms_norm_diff(x, a, weight, eps, scale_in_float32, interpret), (x, a, weight)
+
+
+def _add_rms_norm_bwd(eps, scale_in_float32, interpret, res, g):
+    _, vjp = jax.vjp(lambda x, a, w: add_rms_norm_reference(x, a, w, eps, scale_in_float32), *res)
+    return vjp(g)
+
+
+_add_rms_norm_diff.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd)

@@ -361,6 +361,65 @@ def test_model_with_flat_gemm_equals_xla_path(monkeypatch):
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("shape, dtype, wdtype, scale_f32", [
+    ((1, 1, 256), jnp.bfloat16, jnp.bfloat16, False), ((2, 7, 64), jnp.float32, jnp.float32, False),
+    ((3, 5, 128), jnp.float16, jnp.float16, True), ((4, 64), jnp.bfloat16, jnp.float32, False),
+    ((2, 3, 32), jnp.bfloat16, jnp.bfloat16, True)])
+def test_add_rms_norm_matches_reference(shape, dtype, wdtype, scale_f32):
+    from jaxmedusa.kernels import add_rms_norm_reference
+    from jaxmedusa.kernels.norm_pallas import add_rms_norm
+
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal(shape) * 3, dtype)
+    a = jnp.asarray(rng.standard_normal(shape), dtype)
+    w = jnp.asarray(1 + 0.1 * rng.standard_normal(shape[-1]), wdtype)
+    s, y = add_rms_norm(x, a, w, eps=1e-5, scale_in_float32=scale_f32, interpret=True)
+    rs, ry = add_rms_norm_reference(x, a, w, 1e-5, scale_f32)
+    assert s.dtype == rs.dtype and y.dtype == ry.dtype and y.shape == shape
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(rs, np.float32))  # the add: exact
+    # the normalised row: equal up to the mean's summation order (a last-bit difference, at most one step of
+    # the input dtype, to which the normalised value is rounded before the weight multiplies it)
+    tol = 1e-6 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
+    assert rel_err(y, ry) < tol
+
+
+def test_add_rms_norm_dispatch_and_gradient(monkeypatch):
+    import jax
+
+    from jaxmedusa.kernels import add_rms_norm, add_rms_norm_reference, resolve_norm_impl
+
+    assert resolve_norm_impl(4096) == "xla"  # auto: XLA until measured faster
+    assert resolve_norm_impl(4096, "pallas") == "pallas" and resolve_norm_impl(5120, "pallas") == "xla"
+    monkeypatch.setenv("JAXMEDUSA_NORM", "nope")
+    with pytest.raises(ValueError, match="'nope'"):
+        resolve_norm_impl(4096)
+    monkeypatch.delenv("JAXMEDUSA_NORM")
+    rng = np.random.default_rng()
+    x, a = (jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(1 + 0.1 * rng.standard_normal(64), jnp.float32)
+    loss = lambda impl: (lambda x, a, w: sum(jnp.sum(jnp.sin(o)) for o in
+                                             add_rms_norm(x, a, w, eps=1e-6, impl=impl)))
+    assert rel_err(add_rms_norm(x, a, w, eps=1e-6, impl="interpret")[1], add_rms_norm_reference(x, a, w, 1e-6)[1]) < 1e-6
+    for gi, gx in zip(jax.grad(loss("interpret"), argnums=(0, 1, 2))(x, a, w),
+                      jax.grad(loss("xla"), argnums=(0, 1, 2))(x, a, w)):
+        assert rel_err(gi, gx) < 1e-6
+
+
+def test_model_with_fused_add_norm_equals_xla_path(monkeypatch):
+    from conftest import random_lm
+    from jaxmedusa.cache import KVCache
+
+    lm = random_lm(seed=34, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 9)), jnp.int32)
+    outs = []
+    for impl in ("xla", "interpret"):
+        monkeypatch.setenv("JAXMEDUSA_NORM", impl)
+        cache = KVCache.create(lm.config, 2, 16)
+        h, _ = lm(ids, jnp.broadcast_to(jnp.arange(9), (2, 9)), cache, jnp.tril(jnp.ones((9, 9), bool)))
+        outs.append(np.asarray(lm.logits(h)))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("t", [7, 8])
 def test_training_attention_pads_odd_lengths_for_cudnn_without_changing_rows(monkeypatch, t):
     """The cuDNN branch (taken on a GPU; here cuDNN is stood in for by XLA's attention, which it is checked

@@ -46,3 +46,20 @@ def test_compiled_attention_matches_reference(b, s, h, kvh, t):
         want = tree_attention_reference(q, k, v, lengths, mask)
     assert np.isfinite(np.asarray(got, np.float32)).all()
     assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("shape, dtype, scale_f32", [((1, 1, 4096), jnp.bfloat16, False),
+                                                     ((1, 64, 4096), jnp.bfloat16, False),
+                                                     ((4, 64, 4096), jnp.float16, True)])
+def test_compiled_add_rms_norm_matches_reference(shape, dtype, scale_f32):
+    from jaxmedusa.kernels import add_rms_norm_reference
+    from jaxmedusa.kernels.norm_pallas import add_rms_norm
+
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal(shape) * 3, dtype)
+    a = jnp.asarray(rng.standard_normal(shape), dtype)
+    w = jnp.asarray(1 + 0.1 * rng.standard_normal(shape[-1]), dtype)
+    s, y = add_rms_norm(x, a, w, eps=1e-5, scale_in_float32=scale_f32)
+    rs, ry = add_rms_norm_reference(x, a, w, 1e-5, scale_f32)
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(rs, np.float32))
+    assert rel_err(y, ry) < float(jnp.finfo(dtype).eps)

@@ -169,8 +169,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, cache, layer, tree_mask, prefill, attn_impl):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, tree_mask, prefill, attn_impl)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add(x, a)
+        x = x + self.mlp(h)
         return x, cache
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmedusa.kernels import attention, matmul, prefill_attention, training_attention
+from jaxmedusa.kernels import add_rms_norm, attention, matmul, prefill_attention, training_attention
 
 from ..cache import KVCache, write_kv, write_prefix
 from ..sharding import by_heads
@@ -32,6 +32,12 @@ class RMSNorm(nnx.Module):
         if self.scale_in_float32:
             return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
         return self.weight[...] * xf.astype(x.dtype)
+
+    @jax.named_scope("norm")
+    def add(self, x: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(x + a, self(x + a)): a residual add and this norm, one kernel where the dispatcher fuses them
+        (kernels.add_rms_norm, JAXMEDUSA_NORM)."""
+        return add_rms_norm(x, a, self.weight[...], eps=self.eps, scale_in_float32=self.scale_in_float32)
 
 
 def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, prefill: bool, attn_impl):
