@@ -197,9 +197,10 @@ def run_jax(args) -> dict:
 
 
 def run_api(args) -> list[dict]:
-    """Through the public API: jaxmedusa.generate() on a Model with random heads (so every step verifies the
-    whole tree and emits about one token), second call of each configuration; a step is the call's
-    decode_seconds / steps. Prompt tokens are random; the prefill is timed apart by generate() itself."""
+    """Through the public API: jaxmedusa.generate() on a Model with random heads, second call of each
+    configuration; a step is the call's decode_seconds / steps, so it carries the call's fixed costs (the heads
+    on the prompt's last state, the copy to the host) spread over the steps taken, which are fewer when random
+    heads on a random model get tokens accepted. Prompt tokens are random; generate() times the prefill apart."""
     import jax
     import jax.numpy as jnp
     import numpy as np

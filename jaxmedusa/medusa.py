@@ -289,7 +289,6 @@ def medusa_stream_step_with(compiler_options: tuple = ()) -> Callable:
                    compiler_options=dict(compiler_options) or None)
 
 
-
 class LoopStats(NamedTuple):
     steps: jax.Array  # [] loop iterations
     active_steps: jax.Array  # [B] steps each sequence was active

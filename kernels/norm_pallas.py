@@ -21,6 +21,7 @@ Portable Pallas lowered to Triton, interpretable on CPU for tests. The row lengt
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,8 @@ def _kernel(x_ref, a_ref, w_ref, s_ref, y_ref, *, eps: float, scale_in_float32: 
 @functools.partial(jax.jit, static_argnames=("eps", "scale_in_float32", "num_warps", "interpret"))
 def add_rms_norm(x: jax.Array, a: jax.Array, weight: jax.Array, *, eps: float, scale_in_float32: bool = False,
                  num_warps: int = 4, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """x, a [..., H] (same shape and dtype), weight [H] -> (x + a, RMSNorm(x + a)), both in x's dtype."""
+    """x, a [..., H] (same shape and dtype), weight [H] -> (x + a in x's dtype, RMSNorm(x + a) in the reference's
+    dtype: x's, or x's promoted with the weight's when the weight scales outside float32)."""
     if x.shape != a.shape or x.dtype != a.dtype:
         raise ValueError(f"add_rms_norm takes x and a of one shape and dtype, got {x.shape} {x.dtype} and "
                          f"{a.shape} {a.dtype}")
@@ -67,10 +69,7 @@ def add_rms_norm(x: jax.Array, a: jax.Array, weight: jax.Array, *, eps: float, s
     if not add_rms_norm_supports(h) or weight.shape != (h,):
         raise ValueError(f"add_rms_norm needs a power-of-two row length >= 16 and weight [{h}], got rows of {h} "
                          f"and weight {weight.shape}")
-    lead = x.shape[:-1]
-    rows = 1
-    for n in lead:
-        rows *= n
+    rows = math.prod(x.shape[:-1])
     row = pl.BlockSpec((None, h), lambda i: (i, 0))
     out_dtype = x.dtype
     if not scale_in_float32 and weight.dtype != x.dtype:  # weight * y in the promoted dtype, as the reference
