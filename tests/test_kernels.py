@@ -346,18 +346,25 @@ def test_matmul_through_the_flat_gemm_and_its_gradient():
         assert rel_err(a, b) < 1e-5
 
 
-def test_model_with_flat_gemm_equals_xla_path(monkeypatch):
-    from conftest import random_lm
+def logits_per_impl(monkeypatch, lm, env_var: str, t: int) -> list[np.ndarray]:
+    """A random prompt chunk of t tokens (batch 2) through lm with env_var set to xla, then interpret."""
     from jaxmedusa.cache import KVCache
 
-    lm = random_lm(seed=33, hidden_size=128, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2)
-    ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 16)), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, t)), jnp.int32)
     outs = []
     for impl in ("xla", "interpret"):
-        monkeypatch.setenv("JAXMEDUSA_GEMM", impl)
-        cache = KVCache.create(lm.config, 2, 32)
-        h, _ = lm(ids, jnp.broadcast_to(jnp.arange(16), (2, 16)), cache, jnp.tril(jnp.ones((16, 16), bool)))
+        monkeypatch.setenv(env_var, impl)
+        cache = KVCache.create(lm.config, 2, 2 * t)
+        h, _ = lm(ids, jnp.broadcast_to(jnp.arange(t), (2, t)), cache, jnp.tril(jnp.ones((t, t), bool)))
         outs.append(np.asarray(lm.logits(h)))
+    return outs
+
+
+def test_model_with_flat_gemm_equals_xla_path(monkeypatch):
+    from conftest import random_lm
+
+    lm = random_lm(seed=33, hidden_size=128, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2)
+    outs = logits_per_impl(monkeypatch, lm, "JAXMEDUSA_GEMM", 16)
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
 
 
@@ -407,16 +414,9 @@ def test_add_rms_norm_dispatch_and_gradient(monkeypatch):
 
 def test_model_with_fused_add_norm_equals_xla_path(monkeypatch):
     from conftest import random_lm
-    from jaxmedusa.cache import KVCache
 
     lm = random_lm(seed=34, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 9)), jnp.int32)
-    outs = []
-    for impl in ("xla", "interpret"):
-        monkeypatch.setenv("JAXMEDUSA_NORM", impl)
-        cache = KVCache.create(lm.config, 2, 16)
-        h, _ = lm(ids, jnp.broadcast_to(jnp.arange(9), (2, 9)), cache, jnp.tril(jnp.ones((9, 9), bool)))
-        outs.append(np.asarray(lm.logits(h)))
+    outs = logits_per_impl(monkeypatch, lm, "JAXMEDUSA_NORM", 9)
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
 
 
