@@ -3,6 +3,7 @@
     python bench/tune_tree.py                  # (block_m, block_k, num_warps)
     python bench/tune_tree.py --sweep splits   # num_splits (auto first) at the default blocks
     python bench/tune_tree.py --sweep layers   # (splits, block_k, stages) over 32 layers' caches, as a model
+    python bench/tune_tree.py --sweep decode   # decode tiles (tensor cores or not, blocks, warps, stages, splits)
 
 Prints microseconds per call for each setting and the decode-attention time on the same cache; writes
 bench/results/tune_tree[-splits|-layers]-DATE-DEVICE.json.
@@ -51,25 +52,37 @@ def sweep_splits(rng, h: int, d: int) -> list[dict]:
 
 
 LAYER_SHAPES = ((1, 1024, 32, 1), (1, 1024, 32, 64), (1, 1024, 8, 64), (1, 1024, 8, 1))
+LAYER_CONFIGS = tuple(dict(num_splits=ns, block_k=bk, num_stages=st)
+                      for ns, bk, st in itertools.product((None, 2, 4, 8, 16), (64, 128), (2, 3)))
+DECODE_SHAPES = ((1, 1024, 32, 1), (4, 1024, 32, 1), (1, 8192, 32, 1), (1, 1024, 8, 1), (1, 8192, 8, 1))
 
 
-def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10) -> list[dict]:
+def decode_configs(kvh: int, h: int) -> list[dict]:
+    """Decode tiles: the tensor-core tile of 16 rows (the default before 2026-12-02), the default, then
+    the tiles without tensor cores over block_k x warps x stages x splits (None: the default count)."""
+    rows = h // kvh
+    blocks = (32, 64, 128) if rows == 1 else (16, 32, 64)
+    grid = [dict(block_m=rows, block_k=bk, num_warps=w, num_stages=st, num_splits=ns)
+            for bk, w, st, ns in itertools.product(blocks, (2, 4), (2, 3, 4), (None, 8))]
+    return [dict(block_m=16), {}] + grid
+
+
+def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10, shapes=LAYER_SHAPES,
+                 configs=lambda kvh, h: LAYER_CONFIGS) -> list[dict]:
     """Attention as the model runs it: one call per layer, each on its own [B, S, KVH, D] cache, so every
     layer's K/V comes from HBM (a 1k-slot 7B cache is 0.5 GB, ten times the L2), not from the L2 that a
     one-layer microbenchmark keeps hitting. (Separate arrays rather than the model's stacked cache read with
     layer=l: one kernel to compile per setting instead of one per layer.) Microseconds per layer, the query
     pad and the merge included."""
     rows = []
-    for b, s, kvh, t in LAYER_SHAPES:
+    for b, s, kvh, t in shapes:
         shape = (b, s, kvh, d)
         ks = [jax.random.normal(jax.random.key(2 * i), shape, jnp.bfloat16) for i in range(layers)]
         vs = [jax.random.normal(jax.random.key(2 * i + 1), shape, jnp.bfloat16) for i in range(layers)]
         q0 = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
         mask = jnp.asarray(random_tree_mask(t, rng))
         lens = jnp.full((b,), s - t - 1, jnp.int32)
-        for ns, bk, st in itertools.product((None, 2, 4, 8, 16), (64, 128), (2, 3)):
-            kw = dict(num_splits=ns, block_k=bk, num_stages=st)
-
+        for kw in configs(kvh, h):
             def one(q, k_, v_, ln, kw=kw):
                 if t == 1:
                     return ap.decode_attention(q[:, 0], k_, v_, ln + 1, **kw)[:, None]
@@ -88,8 +101,10 @@ def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10) -> list
                 print(f"b={b} s={s} kvh={kvh} t={t} {kw}: failed {str(e)[:80]}")
                 continue
             us = sec / (iters * layers) * 1e6
-            rows.append(dict(b=b, s=s, kvh=kvh, t=t, num_splits=ns or "auto", block_k=bk, num_stages=st, us=us))
-            print(f"b={b} s={s:>5} kvh={kvh:>2} t={t:>3} splits={ns or 'auto'} bk={bk} stages={st}: {us:7.2f} us/layer",
+            tb_s = 2 * b * s * kvh * d * 2 / us / 1e6  # the live K/V bytes a layer reads, TB/s
+            named = {k_: ("auto" if val is None else val) for k_, val in kw.items()}
+            rows.append(dict(b=b, s=s, kvh=kvh, t=t, **named, us=us, kv_tb_s=tb_s))
+            print(f"b={b} s={s:>5} kvh={kvh:>2} t={t:>3} {named}: {us:7.2f} us/layer ({tb_s:.2f} TB/s of K/V)",
                   flush=True)
         del ks, vs
     return rows
@@ -97,13 +112,14 @@ def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10) -> list
 
 def main() -> None:
     ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap_.add_argument("--sweep", choices=["blocks", "splits", "layers"], default="blocks")
+    ap_.add_argument("--sweep", choices=["blocks", "splits", "layers", "decode"], default="blocks")
     ap_.add_argument("--repeats", type=int, default=1, help="run the layers sweep this many times (rows carry `rep`)")
     args = ap_.parse_args()
     rng = np.random.default_rng(0)
     h, d = 32, 128
-    if args.sweep == "layers":
-        rows = [dict(r, rep=i) for i in range(args.repeats) for r in sweep_layers(rng, h, d)]
+    if args.sweep in ("layers", "decode"):
+        kw = dict(shapes=DECODE_SHAPES, configs=decode_configs) if args.sweep == "decode" else {}
+        rows = [dict(r, rep=i) for i in range(args.repeats) for r in sweep_layers(rng, h, d, **kw)]
     else:
         rows = sweep_splits(rng, h, d) if args.sweep == "splits" else []
     for b, s, kvh, t in ((1, 4096, 8, 64), (1, 16384, 8, 64), (8, 1024, 8, 64), (1, 4096, 32, 64)):

@@ -27,7 +27,7 @@ def test_compiled_flat_gemm_matches_reference(m, k, n, split_k):
     assert rel_err(got, flat_gemm_reference(x, w)) < 1e-2
 
 
-@pytest.mark.parametrize("b, s, h, kvh", [(1, 1184, 32, 32), (4, 1184, 32, 8), (3, 333, 16, 2)])
+@pytest.mark.parametrize("b, s, h, kvh", [(1, 1184, 32, 32), (4, 1184, 32, 8), (3, 333, 16, 2), (2, 700, 12, 4)])
 @pytest.mark.parametrize("t", [1, 16, 64])
 def test_compiled_attention_matches_reference(b, s, h, kvh, t):
     from jaxmedusa.kernels import decode_attention_reference, tree_attention_reference
