@@ -3,7 +3,7 @@
     python bench/tune_tree.py                  # (block_m, block_k, num_warps)
     python bench/tune_tree.py --sweep splits   # num_splits (auto first) at the default blocks
     python bench/tune_tree.py --sweep layers   # (splits, block_k, stages) over 32 layers' caches, as a model
-    python bench/tune_tree.py --sweep decode   # decode tiles (tensor cores or not, blocks, warps, stages, splits)
+    python bench/tune_tree.py --sweep decode   # decode attention: (block_k, stages, warps, splits) over 32 layers
 
 Prints microseconds per call for each setting and the decode-attention time on the same cache; writes
 bench/results/tune_tree[-splits|-layers]-DATE-DEVICE.json.
@@ -54,17 +54,16 @@ def sweep_splits(rng, h: int, d: int) -> list[dict]:
 LAYER_SHAPES = ((1, 1024, 32, 1), (1, 1024, 32, 64), (1, 1024, 8, 64), (1, 1024, 8, 1))
 LAYER_CONFIGS = tuple(dict(num_splits=ns, block_k=bk, num_stages=st)
                       for ns, bk, st in itertools.product((None, 2, 4, 8, 16), (64, 128), (2, 3)))
-DECODE_SHAPES = ((1, 1024, 32, 1), (4, 1024, 32, 1), (1, 8192, 32, 1), (1, 1024, 8, 1), (1, 8192, 8, 1))
+DECODE_SHAPES = ((1, 1024, 32, 1), (4, 1024, 32, 1), (1, 8192, 32, 1), (1, 1024, 8, 1))
 
 
 def decode_configs(kvh: int, h: int) -> list[dict]:
-    """Decode tiles: the tensor-core tile of 16 rows (the default before 2026-12-02), the default, then
-    the tiles without tensor cores over block_k x warps x stages x splits (None: the default count)."""
-    rows = h // kvh
-    blocks = (32, 64, 128) if rows == 1 else (16, 32, 64)
-    grid = [dict(block_m=rows, block_k=bk, num_warps=w, num_stages=st, num_splits=ns)
-            for bk, w, st, ns in itertools.product(blocks, (2, 4), (2, 3, 4), (None, 8))]
-    return [dict(block_m=16), {}] + grid
+    """Decode tiles: the default, then block_k x stages x warps x splits (None: the default count).
+    Tiles of fewer than 16 rows without tensor cores (broadcast products summed on the CUDA cores) were
+    measured 2-3x slower on an H200 and dropped (tune_tree-decode-vector-2026-12-02-NVIDIA_H200.log)."""
+    del kvh, h
+    return [{}] + [dict(block_k=bk, num_stages=st, num_warps=w, num_splits=ns)
+                   for bk, st, w, ns in itertools.product((64, 128), (2, 3, 4), (4, 8), (None, 8))]
 
 
 def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10, shapes=LAYER_SHAPES,

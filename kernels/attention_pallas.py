@@ -14,10 +14,6 @@ tree's own T x T block is one more program per (sequence, KV head, row tile) in 
 per row by the tree, and everything is merged at the end by one log-sum-exp (a plain sum under the
 unified max).
 
-Decode tiles of at most VECTOR_MAX_ROWS query rows (MHA: one; GQA: the G heads of a KV head) skip
-tensor cores: tl.dot needs 16 rows, and padding one row to 16 cost an XLA pad kernel and 16x the partials.
-Their products are broadcast multiplies summed over D on the CUDA cores, in float32.
-
 Unified max (FlashDecoding++): with `unified_max=phi` every partial accumulates exp(s - phi) against one
 fixed reference instead of its own running maximum, so partials from different splits (and the tree
 block) add up with no rescale. A row whose running maximum leaves [phi - M, phi + M] (M =
@@ -40,8 +36,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-VECTOR_MAX_ROWS = 4  # decode tiles of up to this many rows skip tl.dot (which would pad them to 16)
-VECTOR_PRODUCTS = 8192  # block_m * block_k * head_dim products per block in the tiles without tensor cores
 UNIFIED_MAX_MARGIN = 50.0  # exp(50) * 32k slots * |v| stays far below float32's max; exp(-50) is a normal float
 _NEG = -1e30
 
@@ -69,9 +63,6 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, num_splits
     length = len_ref[()]
     q = q_ref[...]
     block_m, d = q.shape
-    vector = block_m < 16  # tl.dot needs 16 rows: fewer (decode: G query heads per KV head) skip the MMA
-    if vector:
-        q = q.astype(jnp.float32) * sm_scale
     cols = jnp.arange(block_k, dtype=jnp.int32)
 
     def attend(start, end, tree: bool):
@@ -81,10 +72,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, num_splits
             valid = off + cols < end
             k = plgpu.load(k_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
             v = plgpu.load(v_ref.at[pl.ds(off, block_k), :], mask=valid[:, None], other=0.0)
-            if vector:  # rows < 16: broadcast products on the CUDA cores, [M, 1, D] * [1, bk, D] summed over D
-                s = jnp.sum(q[:, None, :] * k.astype(jnp.float32)[None, :, :], axis=2)
-            else:
-                s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
+            s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale
             visible = valid[None, :]
             if tree:
                 visible = visible & (m_ref[:, pl.ds(i * block_k, block_k)] != 0)
@@ -97,11 +85,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, num_splits
             alpha = jnp.exp(r - r_new)  # 1 wherever the reference did not move
             p = jnp.exp(s - r_new[:, None])
             l = l * alpha + jnp.sum(p, axis=1)
-            if vector:
-                pv = jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
-            else:
-                pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
             return acc, r_new, mx, l
 
         r0 = jnp.full((block_m,), _NEG if phi is None else phi, jnp.float32)
@@ -189,8 +173,8 @@ def _merge(o, r, l):
 def _check_tuning(d: int, block_m: int, block_k: int, num_splits: int) -> None:
     if not kernel_supports(d):
         raise ValueError(f"head_dim must be a power of two >= 16 for the Pallas kernels, got {d}")
-    if block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two (below 16: products without tensor cores), got {block_m}")
+    if not _pow2_at_least_16(block_m):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     if not _pow2_at_least_16(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     if num_splits < 1:
@@ -209,22 +193,11 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int
     return max(1, min(splits, pl.cdiv(num_slots, block_k), 64))
 
 
-def default_block_m(rows: int, tree: bool) -> int:
-    """Query rows per program: decode tiles of at most VECTOR_MAX_ROWS rows (G query heads of one KV head)
-    take the products without tensor cores, unpadded; everything else tiles of 16 to 128 rows for tl.dot."""
-    if not tree and rows <= VECTOR_MAX_ROWS:
-        return pl.next_power_of_2(rows)
-    return min(128, max(16, pl.next_power_of_2(rows)))
-
-
-def default_tiling(tree: bool, block_m: int, head_dim: int = 128) -> tuple[int, int]:
+def default_tiling(tree: bool, block_m: int) -> tuple[int, int]:
     """(block_k, num_stages) when the caller gives none. Tree tiles of up to 64 rows stream the cache in
     64-slot blocks three stages deep: over 32 layers' 1k-slot caches on an H200 (bench/tune_tree.py --sweep
     layers, 3 interleaved repeats) an MHA layer took 14.9 instead of 17.7 us at T = 64 and 11.0 instead of
-    12.3 at T = 16, while 128-row GQA tiles stayed best at 128 slots / 2 stages (18.8 vs 21.3 us).
-    Tiles without tensor cores hold block_m x block_k x D products in registers: VECTOR_PRODUCTS of them."""
-    if block_m < 16:
-        return max(16, VECTOR_PRODUCTS // (block_m * head_dim)), 3
+    12.3 at T = 16, while 128-row GQA tiles stayed best at 128 slots / 2 stages (18.8 vs 21.3 us)."""
     return (64, 3) if tree and block_m <= 64 else (128, 2)
 
 
@@ -233,8 +206,8 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     """q5 [B, KVH, T, G, D]: prefix kernel (+ tree block when tree_mask is given), merged -> same shape."""
     b, kvh, t, g, d = q5.shape
     rows = t * g
-    block_m = block_m or default_block_m(rows, tree_mask is not None)
-    tiling = default_tiling(tree_mask is not None, block_m, d)
+    block_m = block_m or min(128, max(16, pl.next_power_of_2(rows)))
+    tiling = default_tiling(tree_mask is not None, block_m)
     block_k = block_k or tiling[0]
     num_stages = num_stages or tiling[1]
     mp = pl.cdiv(rows, block_m) * block_m
