@@ -193,12 +193,14 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int
     return max(1, min(splits, pl.cdiv(num_slots, block_k), 64))
 
 
-def default_tiling(tree: bool, block_m: int) -> tuple[int, int]:
-    """(block_k, num_stages) when the caller gives none. Tree tiles of up to 64 rows stream the cache in
-    64-slot blocks three stages deep: over 32 layers' 1k-slot caches on an H200 (bench/tune_tree.py --sweep
-    layers, 3 interleaved repeats) an MHA layer took 14.9 instead of 17.7 us at T = 64 and 11.0 instead of
-    12.3 at T = 16, while 128-row GQA tiles stayed best at 128 slots / 2 stages (18.8 vs 21.3 us)."""
-    return (64, 3) if tree and block_m <= 64 else (128, 2)
+def default_tiling(block_m: int) -> tuple[int, int]:
+    """(block_k, num_stages) when the caller gives none. Tiles of up to 64 rows stream the cache in 64-slot
+    blocks three stages deep. Over 32 layers' caches on an H200 (bench/tune_tree.py --sweep layers, 3
+    interleaved repeats) an MHA tree layer took 14.9 instead of 17.7 us at T = 64 and 11.0 instead of 12.3 at
+    T = 16; decode layers (--sweep decode, 2026-12-02) 10.8 instead of 12.3 us at B = 1 and S = 1k, 24.6
+    instead of 28.8 at B = 4, 40.3 instead of 48.0 at S = 8k (GQA within noise). 128-row GQA tree tiles stay
+    best at 128 slots / 2 stages (18.8 vs 21.3 us)."""
+    return (64, 3) if block_m <= 64 else (128, 2)
 
 
 def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, block_k, num_splits, num_warps,
@@ -207,7 +209,7 @@ def _attend(q5, k, v, lengths, tree_mask, *, sm_scale, unified_max, block_m, blo
     b, kvh, t, g, d = q5.shape
     rows = t * g
     block_m = block_m or min(128, max(16, pl.next_power_of_2(rows)))
-    tiling = default_tiling(tree_mask is not None, block_m)
+    tiling = default_tiling(block_m)
     block_k = block_k or tiling[0]
     num_stages = num_stages or tiling[1]
     mp = pl.cdiv(rows, block_m) * block_m

@@ -95,12 +95,12 @@ def test_tree_attention_matches_reference(t, kvh, d, unified_max):
 
 
 def test_default_tiling_per_tile_and_tree_with_defaults_matches_reference():
-    """Tree tiles of up to 64 rows take 64-slot blocks three stages deep; decode and 128-row tiles 128 / 2
-    (an H200 sweep over 32 layers' caches). The defaults give the reference's answer on ragged lengths."""
+    """Tiles of up to 64 rows (decode's 16, trees' up to 64) take 64-slot blocks three stages deep; 128-row
+    tiles 128 / 2 (H200 sweeps over 32 layers' caches). The defaults give the reference's answer on ragged lengths."""
     from jaxmedusa.kernels.attention_pallas import default_tiling
 
-    assert default_tiling(True, 16) == default_tiling(True, 64) == (64, 3)
-    assert default_tiling(True, 128) == default_tiling(False, 16) == (128, 2)
+    assert default_tiling(16) == default_tiling(64) == (64, 3)
+    assert default_tiling(128) == (128, 2)
     rng = np.random.default_rng()
     b, s, h, kvh, d, t = 2, 300, 4, 4, 32, 9
     lengths = np.array([s - t, 37], np.int32)
