@@ -8,6 +8,7 @@ static under jit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import json
@@ -25,10 +26,16 @@ class TreeError(ValueError):
     """An invalid tree; the message names the offending path."""
 
 
-def published_trees() -> dict[str, list[list[int]]]:
-    """The nine trees published with the Medusa paper's reference implementation, by name."""
+@functools.cache
+def _published_trees() -> dict[str, tuple[tuple[int, ...], ...]]:
     with open(TREES_FILE) as f:
-        return json.load(f)["trees"]
+        return {name: tuple(map(tuple, paths)) for name, paths in json.load(f)["trees"].items()}
+
+
+def published_trees() -> dict[str, list[list[int]]]:
+    """The nine trees published with the Medusa paper's reference implementation, by name (a fresh copy; the
+    file is read once)."""
+    return {name: [list(p) for p in paths] for name, paths in _published_trees().items()}
 
 
 def chain_tree(depth: int) -> list[list[int]]:
@@ -111,9 +118,9 @@ def resolve_tree(tree) -> list[list[int]]:
     if tree is None:
         tree = DEFAULT_TREE
     if isinstance(tree, str):
-        named = published_trees()
+        named = _published_trees()
         if tree in named:
-            return named[tree]
+            return [list(p) for p in named[tree]]
         if tree.startswith("chain-") and tree[6:].isdigit():
             return chain_tree(int(tree[6:]))
         if os.path.isfile(tree):
@@ -128,8 +135,23 @@ def resolve_tree(tree) -> list[list[int]]:
 
 
 def build_tree(paths, *, num_heads: int, top_k: int = DEFAULT_TOP_K) -> TreeBuffers:
-    """Validates a tree against the heads (depth <= num_heads, ranks < top_k, prefix-closed) and builds buffers."""
+    """Validates a tree against the heads (depth <= num_heads, ranks < top_k, prefix-closed) and builds buffers.
+
+    A tree of plain int paths is built once and cached (its buffers are read-only): generate() builds its tree
+    on every call, ~1 ms for a 64-node tree on a slow CPU."""
     paths = resolve_tree(paths)
+    if isinstance(paths, list) and all(isinstance(p, (list, tuple)) and all(type(r) is int for r in p)
+                                       for p in paths):
+        return _cached_tree(tuple(map(tuple, paths)), num_heads, top_k)
+    return _build_tree(paths, num_heads=num_heads, top_k=top_k)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_tree(paths: tuple[tuple[int, ...], ...], num_heads: int, top_k: int) -> TreeBuffers:
+    return _build_tree([list(p) for p in paths], num_heads=num_heads, top_k=top_k)
+
+
+def _build_tree(paths, *, num_heads: int, top_k: int) -> TreeBuffers:
     if not isinstance(paths, list) or not paths:
         raise TreeError("a tree must be a non-empty list of paths of top-k ranks")
     seen: set[tuple[int, ...]] = set()
@@ -173,5 +195,7 @@ def build_tree(paths, *, num_heads: int, top_k: int = DEFAULT_TOP_K) -> TreeBuff
     children = np.full((n, width), -1, np.int32)
     for i, k in enumerate(kids):  # in rank order: nodes are sorted by path
         children[i, :len(k)] = k
+    for a in (depth, head, rank, parent, mask, paths_arr, children):
+        a.setflags(write=False)  # shared by every request with this tree
     return TreeBuffers(nodes=tuple(nodes), depth=depth, head=head, rank=rank, parent=parent, mask=mask,
                        paths=paths_arr, children=children, top_k=top_k)

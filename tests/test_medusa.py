@@ -167,6 +167,24 @@ def test_tree_buffers_for_published_tree():
     assert len(published_trees()) == 9
 
 
+def test_trees_are_built_once_and_shared_read_only():
+    """generate() builds its tree on every call: equal plain-int trees give the same cached, read-only buffers;
+    published_trees() hands out copies; invalid trees still fail on every call, bool ranks included."""
+    a = build_tree([[0], [0, 0], [1]], num_heads=2)
+    assert build_tree(((0,), (0, 0), (1,)), num_heads=2) is a
+    assert build_tree([[0], [0, 0], [1]], num_heads=3) is not a  # the heads are part of the key
+    with pytest.raises(ValueError, match="read-only"):
+        a.mask[0, 1] = True
+    named = published_trees()
+    named["mc_sim_7b_63"].clear()
+    assert len(published_trees()["mc_sim_7b_63"]) == 63
+    for _ in range(2):
+        with pytest.raises(TreeError, match="appears twice"):
+            build_tree([[0], [0]], num_heads=1)
+        with pytest.raises(TreeError, match="integer ranks"):
+            build_tree([[True]], num_heads=1)
+
+
 def test_tree_helpers():
     assert chain_tree(3) == [[0], [0, 0], [0, 0, 0]]
     assert cartesian_tree([2, 2]) == [[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]]
