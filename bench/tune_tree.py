@@ -6,7 +6,7 @@
     python bench/tune_tree.py --sweep decode   # decode attention: (block_k, stages, warps, splits) over 32 layers
 
 Prints microseconds per call for each setting and the decode-attention time on the same cache; writes
-bench/results/tune_tree[-splits|-layers]-DATE-DEVICE.json.
+bench/results/tune_tree[-splits|-layers|-decode]-DATE-DEVICE.json.
 """
 
 from __future__ import annotations
