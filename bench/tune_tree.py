@@ -57,17 +57,15 @@ LAYER_CONFIGS = tuple(dict(num_splits=ns, block_k=bk, num_stages=st)
 DECODE_SHAPES = ((1, 1024, 32, 1), (4, 1024, 32, 1), (1, 8192, 32, 1), (1, 1024, 8, 1))
 
 
-def decode_configs(kvh: int, h: int) -> list[dict]:
-    """Decode tiles: the default, then block_k x stages x warps x splits (None: the default count).
-    Tiles of fewer than 16 rows without tensor cores (broadcast products summed on the CUDA cores) were
-    measured 2-3x slower on an H200 and dropped (tune_tree-decode-vector-2026-12-02-NVIDIA_H200.log)."""
-    del kvh, h
-    return [{}] + [dict(block_k=bk, num_stages=st, num_warps=w, num_splits=ns)
-                   for bk, st, w, ns in itertools.product((64, 128), (2, 3, 4), (4, 8), (None, 8))]
+# Decode tiles: the default, then block_k x stages x warps x splits (None: the default count). Tiles of fewer than
+# 16 rows without tensor cores (broadcast products summed on the CUDA cores) were measured 2-3x slower on an H200
+# and dropped (tune_tree-decode-vector-2026-12-02-NVIDIA_H200.log).
+DECODE_CONFIGS = ({},) + tuple(dict(block_k=bk, num_stages=st, num_warps=w, num_splits=ns)
+                               for bk, st, w, ns in itertools.product((64, 128), (2, 3, 4), (4, 8), (None, 8)))
 
 
 def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10, shapes=LAYER_SHAPES,
-                 configs=lambda kvh, h: LAYER_CONFIGS) -> list[dict]:
+                 configs=LAYER_CONFIGS) -> list[dict]:
     """Attention as the model runs it: one call per layer, each on its own [B, S, KVH, D] cache, so every
     layer's K/V comes from HBM (a 1k-slot 7B cache is 0.5 GB, ten times the L2), not from the L2 that a
     one-layer microbenchmark keeps hitting. (Separate arrays rather than the model's stacked cache read with
@@ -81,7 +79,7 @@ def sweep_layers(rng, h: int, d: int, layers: int = 32, iters: int = 10, shapes=
         q0 = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
         mask = jnp.asarray(random_tree_mask(t, rng))
         lens = jnp.full((b,), s - t - 1, jnp.int32)
-        for kw in configs(kvh, h):
+        for kw in configs:
             def one(q, k_, v_, ln, kw=kw):
                 if t == 1:
                     return ap.decode_attention(q[:, 0], k_, v_, ln + 1, **kw)[:, None]
@@ -117,7 +115,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     h, d = 32, 128
     if args.sweep in ("layers", "decode"):
-        kw = dict(shapes=DECODE_SHAPES, configs=decode_configs) if args.sweep == "decode" else {}
+        kw = dict(shapes=DECODE_SHAPES, configs=DECODE_CONFIGS) if args.sweep == "decode" else {}
         rows = [dict(r, rep=i) for i in range(args.repeats) for r in sweep_layers(rng, h, d, **kw)]
     else:
         rows = sweep_splits(rng, h, d) if args.sweep == "splits" else []
