@@ -12,7 +12,11 @@ the device time of every kernel by op family. A kernel's family comes from the n
 instruction was traced under (jax.named_scope in the model and the Medusa step: qkv_proj, rope,
 kv_write, attention, o_proj, mlp, norm, lm_head, sampling, candidates, acceptance, compaction, heads);
 "other" is everything outside those scopes (loop bookkeeping), and "idle" is the step time no kernel
-covers (launch gaps, the while loop's host round trip). Each row also lists its kernels with their calls per
+covers (launch gaps, the while loop's host round trip). XLA turns its command buffers (CUDA graphs) off while
+a profiler records, so on a GPU the script compiles with xla_enable_command_buffers_during_profiling: the
+trace then times the program the loop timing ran (results before 2026-12-02's gap table were profiled op by
+op, whose per-kernel times match but whose idle column mixed the two programs). `--gaps N` prints where the stream waits, summed by
+the pair of kernels around each wait (also in the JSON's "gaps"). Each row also lists its kernels with their calls per
 step (XLA reuses one kernel for identical fusions, so a name can cover every layer); `--dump DIR` writes the
 optimized HLO of each configuration, to read what a fusion holds. `--gemm-impls xla cublas pallas` runs
 every row once per GEMM implementation (JAXMEDUSA_GEMM while it traces and compiles, with the XLA options
@@ -36,6 +40,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+# The XLA option that keeps command buffers (CUDA graphs) on while the profiler records.
+PROFILE_GRAPHS = "xla_enable_command_buffers_during_profiling"
 FAMILIES = ("heads", "candidates", "acceptance", "compaction", "sampling", "lm_head", "kv_write", "attention",
             "qkv_proj", "rope", "o_proj", "mlp", "norm")
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s.*?op_name="([^"]*)"')
@@ -56,8 +62,8 @@ def scope_map(hlo_text: str) -> dict[str, str]:
 
 
 def kernel_events(trace_dir: str):
-    """(name, duration ns, hlo_op or None) of every device kernel in the newest trace under trace_dir; on
-    CPU, the host's XLA op events."""
+    """(name, duration ns, hlo_op or None, stream, start ns) of every device kernel in the newest trace under
+    trace_dir; on CPU, the host's XLA op events."""
     from jax.profiler import ProfileData
 
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
@@ -73,8 +79,39 @@ def kernel_events(trace_dir: str):
                 stats = dict(ev.stats)
                 if not gpu and "hlo_op" not in stats:
                     continue
-                events.append((ev.name, float(ev.duration_ns), stats.get("hlo_op")))
+                events.append((ev.name, float(ev.duration_ns), stats.get("hlo_op"), f"{plane.name}:{line.name}",
+                               float(ev.start_ns)))
     return events, lines
+
+
+def short_kernel(name: str) -> str:
+    """A kernel name without the numeric suffix XLA and Pallas add per instance (a name per kind of kernel)."""
+    return re.sub(r"_+\d+$", "", name or "")
+
+
+def gap_table(events, steps: int, scopes: dict[str, str], top: int = 12) -> tuple[float, list[dict]]:
+    """Where a stream waits: the time between one kernel's end and the next kernel's start on the same stream,
+    summed by (kernel before, kernel after). Returns (gap ms per step, the `top` pairs with their ms and count
+    per step): the idle column's account, to tell launch gaps from a loop's host round trip."""
+    by_stream = collections.defaultdict(list)
+    for name, ns, hlo_op, stream, start in events:
+        by_stream[stream].append((start, start + ns, name, hlo_op))
+    pairs = collections.Counter()
+    counts = collections.Counter()
+    total = 0.0
+    for evs in by_stream.values():
+        evs.sort()
+        end = evs[0][1] if evs else 0.0
+        for (s0, e0, n0, h0), (s1, e1, n1, h1) in zip(evs, evs[1:]):
+            gap = s1 - max(end, e0)
+            end = max(end, e1)
+            if gap <= 0:
+                continue
+            key = (f"{family_of(n0, h0, scopes)}:{short_kernel(n0)}", f"{family_of(n1, h1, scopes)}:{short_kernel(n1)}")
+            pairs[key] += gap / 1e6 / steps
+            counts[key] += 1 / steps
+            total += gap / 1e6 / steps
+    return total, [dict(before=k[0], after=k[1], ms=v, count=counts[k]) for k, v in pairs.most_common(top)]
 
 
 def family_of(name: str, hlo_op: str | None, scopes: dict[str, str]) -> str:
@@ -117,6 +154,11 @@ def main() -> None:
     ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                     help="an XLA debug option to compile every row with, on top of generate()'s (repeatable), e.g. "
                          "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN")
+    ap.add_argument("--gaps", type=int, default=0, metavar="N",
+                    help="print each row's N largest waits between kernels (by kernel before -> kernel after)")
+    ap.add_argument("--profile-op-by-op", action="store_true",
+                    help=f"profile as XLA does by default, op by op without CUDA graphs (otherwise {PROFILE_GRAPHS}: "
+                         "the trace then times the program the loop timing ran)")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="also write each configuration's optimized HLO (gzipped) under DIR, to read what a fusion holds")
     args = ap.parse_args()
@@ -150,6 +192,9 @@ def main() -> None:
         h = MedusaHeads.for_model(lm, 4, 1, shared_lm_head=kind == "shared", rngs=nnx.Rngs(1))
         heads[kind] = nnx.split(quantize_heads(h) if kind == "own-int8" else h)
     extra_options = dict(parse_option(o) for o in args.xla_option)
+    if jax.default_backend() == "gpu" and not args.profile_op_by_op:
+        # XLA runs op by op while the profiler is on unless told otherwise: the trace would time another program
+        extra_options.setdefault(PROFILE_GRAPHS, True)
     n = args.steps
     key = jax.random.key(0)
     eos = jnp.asarray([-1], jnp.int32)
@@ -223,7 +268,7 @@ def main() -> None:
                     groups = collections.Counter()  # (family, kernel): XLA reuses one kernel for identical fusions
                     group_calls = collections.Counter()
                     group_op = {}
-                    for name, ns, hlo_op in events:
+                    for name, ns, hlo_op, _, _ in events:
                         f = family_of(name, hlo_op, scopes)
                         fam[f] += ns / 1e6 / steps
                         groups[(f, name)] += ns / 1e6 / steps
@@ -231,9 +276,10 @@ def main() -> None:
                         group_op.setdefault((f, name), hlo_op or "")
                     step_ms = best / steps * 1e3
                     busy = sum(fam.values())
+                    gap_ms, gaps = gap_table(events, steps, scopes)
                     row = dict(batch=b, prompt=p, tree_nodes=t, heads=kind, gemm=gemm or result["gemm"],
                                step_ms=step_ms, kernel_ms=busy,
-                               idle_ms=max(0.0, step_ms - busy), families=dict(fam),
+                               idle_ms=max(0.0, step_ms - busy), gap_ms=gap_ms, gaps=gaps, families=dict(fam),
                                kernels=[dict(family=f, kernel=k, ms=v, calls=group_calls[(f, k)], hlo_op=group_op[(f, k)])
                                         for (f, k), v in groups.most_common(80)],
                                kernels_per_step=len(events) / steps, trace_lines=sorted(set(lines))[:20],
@@ -241,7 +287,11 @@ def main() -> None:
                     rows.append(row)
                     save(dict(result, rows=rows), out)  # after every row: a run cut short keeps what it measured
                     print(f"B={b} P={p} T={t} heads={kind} gemm={row['gemm']}: {step_ms:.3f} ms/step, kernels {busy:.3f} ms "
-                          f"({row['kernels_per_step']:.0f}/step), idle {row['idle_ms']:.3f} ms", flush=True)
+                          f"({row['kernels_per_step']:.0f}/step), idle {row['idle_ms']:.3f} ms (gaps between kernels "
+                          f"{gap_ms:.3f} ms)", flush=True)
+                    for g in gaps[:args.gaps]:
+                        print(f"    gap {g['ms'] * 1e3:7.1f} us/step over {g['count']:5.1f} gaps: {g['before'][:50]} -> "
+                              f"{g['after'][:50]}", flush=True)
         del cache
     result["rows"] = rows
     save(result, out)
@@ -309,7 +359,7 @@ def print_kernels(result: dict, n: int) -> None:
     for r in result["rows"]:
         merged: dict = {}
         for k in r["kernels"]:
-            name = re.sub(r"_+\d+$", "", k["kernel"]) if k["kernel"].startswith("jaxmedusa_") else k["kernel"]
+            name = short_kernel(k["kernel"]) if k["kernel"].startswith("jaxmedusa_") else k["kernel"]
             ms, calls = merged.get((k["family"], name), (0.0, 0.0))
             merged[(k["family"], name)] = (ms + k["ms"], calls + k["calls"])
         print(f"\nB={r['batch']} P={r['prompt']} T={r['tree_nodes']} heads={r['heads']} gemm={r.get('gemm', 'auto')}: "

@@ -142,6 +142,13 @@ FLAT_GEMM_ROWS: tuple[int, int] | None = None
 CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 # GEMM rows (batch x tree nodes) from which "auto" compiles a verify step with CUBLAS_OPTIONS on a GPU.
 CUBLAS_MIN_ROWS = 64
+# XLA options for every Medusa verify loop or step on a GPU. XLA's DotMerger joins GEMMs that share their input
+# by concatenating their weights: the heads' residual blocks all read one hidden state, so each step copied
+# K x H x H of weights (two 64 MB copies for 4 heads at 7B, 66 us of a 5.1 ms step on the H200) before one
+# GEMM read them again. Without it (bench/verify_breakdown.py --xla-option xla_disable_hlo_passes=dot-merger,
+# 7B, prompt 1k, H200, 2026-12-02): B=1 T=64 5.13 -> 5.07 ms, B=4 T=64 8.03 -> 7.97 ms; the base model's
+# q/k/v are one stored matrix already, so nothing else changes.
+VERIFY_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
 
 
 def _gemm_choice(impl: str | None) -> str:
@@ -181,12 +188,13 @@ def loop_compiler_options(tree: bool, rows: int = 0, *, quantized_heads: bool = 
     5.16 ms (shared-lm_head heads 5.05 -> 4.91), B=4 T=16 5.73 -> 5.62, B=4 T=32 6.07 -> 5.97; but B=1 T=16
     4.63 -> 5.02, T=32 5.02 -> 5.11, and one-row decode 4.51 -> 4.62 (B=4: 4.77 -> 5.34), where it is left.
     Not with int8 heads: cuBLAS cannot take the int8 operand, so XLA writes the dequantized [H, V] matrix
-    out first (B=1 T=64 6.13 instead of 5.31 ms)."""
+    out first (B=1 T=64 6.13 instead of 5.31 ms). Every verify loop on a GPU also gets VERIFY_OPTIONS."""
     choice = _gemm_choice(impl)
-    if choice == "cublas" or (choice == "auto" and tree and rows >= CUBLAS_MIN_ROWS and not quantized_heads
-                              and jax.default_backend() == "gpu"):
-        return dict(CUBLAS_OPTIONS)
-    return None
+    gpu = jax.default_backend() == "gpu"
+    options = dict(VERIFY_OPTIONS) if tree and gpu else {}
+    if choice == "cublas" or (choice == "auto" and tree and rows >= CUBLAS_MIN_ROWS and not quantized_heads and gpu):
+        options.update(CUBLAS_OPTIONS)
+    return options or None
 
 
 def matmul(x: jax.Array, w: jax.Array, *, impl: str | None = None) -> jax.Array:

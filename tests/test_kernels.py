@@ -310,20 +310,26 @@ def test_gemm_dispatcher_choice_per_rows(monkeypatch):
         dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16)
 
 
-def test_loop_compiler_options_send_verify_gemms_to_cublas_on_a_gpu(monkeypatch):
+def test_loop_compiler_options_send_verify_gemms_to_cublas_and_keep_head_gemms_apart_on_a_gpu(monkeypatch):
     from jaxmedusa.kernels import dispatch
 
     assert dispatch.loop_compiler_options(tree=True) is None  # CPU: nothing to choose
     assert dispatch.loop_compiler_options(tree=False, impl="cublas") == dispatch.CUBLAS_OPTIONS
     monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
     low = dispatch.CUBLAS_MIN_ROWS
-    assert dispatch.loop_compiler_options(tree=True, rows=low) == {"xla_gpu_enable_triton_gemm": False}
-    assert dispatch.loop_compiler_options(tree=True, rows=4 * low) == dispatch.CUBLAS_OPTIONS
-    assert dispatch.loop_compiler_options(tree=True, rows=low - 1) is None  # few rows: XLA's pick was faster
+    verify = {"xla_disable_hlo_passes": "dot-merger"}  # every verify loop: no per-step copy of the heads' weights
+    assert dispatch.VERIFY_OPTIONS == verify
+    assert dispatch.loop_compiler_options(tree=True, rows=low) == {"xla_gpu_enable_triton_gemm": False, **verify}
+    assert dispatch.loop_compiler_options(tree=True, rows=4 * low) == {**dispatch.CUBLAS_OPTIONS, **verify}
+    assert dispatch.loop_compiler_options(tree=True, rows=low - 1) == verify  # few rows: XLA's GEMM pick was faster
     assert dispatch.loop_compiler_options(tree=False, rows=low) is None  # one-row decode keeps XLA's pick
-    assert dispatch.loop_compiler_options(tree=True, rows=low, quantized_heads=True) is None  # Triton fuses int8
+    assert dispatch.loop_compiler_options(tree=False, impl="cublas") == dispatch.CUBLAS_OPTIONS
+    assert dispatch.loop_compiler_options(tree=True, rows=low, quantized_heads=True) == verify  # Triton fuses int8
     for impl in ("xla", "pallas"):
-        assert dispatch.loop_compiler_options(tree=True, rows=low, impl=impl) is None
+        assert dispatch.loop_compiler_options(tree=True, rows=low, impl=impl) == verify
+    x = jnp.ones((4, 4), jnp.float32)  # XLA knows the options' names (it rejects unknown ones at compile time)
+    compiled = jax.jit(lambda a: a @ a).lower(x).compile(compiler_options={**dispatch.CUBLAS_OPTIONS, **verify})
+    np.testing.assert_allclose(np.asarray(compiled(x)), np.full((4, 4), 4.0))
     assert dispatch.resolve_gemm_impl(64, 4096, 4096, jnp.bfloat16, "cublas") == "xla"
     monkeypatch.setenv("JAXMEDUSA_GEMM", "nope")
     with pytest.raises(ValueError, match="'nope'"):
