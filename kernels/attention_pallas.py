@@ -161,27 +161,12 @@ def _prefix_partials(q4, k, v, lengths, tree_rows=None, tree_slots=None, *, sm_s
     )(*args)
 
 
-# Partials up to which _merge spells its max and sums out part by part (see there).
-MERGE_UNROLL = 16
-
-
 def _merge(o, r, l):
     """Merges partials stacked on axis 2: o [B, KVH, P, ..., D], r/l [B, KVH, P, ...], each relative to
-    its own reference r. With a shared unified max every scale is exactly 1: the merge is a plain sum.
-
-    For up to MERGE_UNROLL parts the max and the sums are written part by part, elementwise: XLA then fuses
-    the whole merge (and the caller's transpose and cast) into one kernel. As reductions over the parts axis
-    the max fed two sums, and XLA gave the max and exp a kernel of their own (1.4 us a layer on an H200)."""
-    parts = o.shape[2]
-    if parts > MERGE_UNROLL:
-        scale = jnp.exp(r - jnp.max(r, axis=2, keepdims=True))
-        num = jnp.sum(o * scale[..., None], axis=2)
-        den = jnp.sum(l * scale, axis=2)
-    else:
-        ref = functools.reduce(jnp.maximum, [r[:, :, p] for p in range(parts)])
-        scales = [jnp.exp(r[:, :, p] - ref) for p in range(parts)]
-        num = functools.reduce(jnp.add, [o[:, :, p] * scales[p][..., None] for p in range(parts)])
-        den = functools.reduce(jnp.add, [l[:, :, p] * scales[p] for p in range(parts)])
+    its own reference r. With a shared unified max every scale is exactly 1: the merge is a plain sum."""
+    scale = jnp.exp(r - jnp.max(r, axis=2, keepdims=True))
+    num = jnp.sum(o * scale[..., None], axis=2)
+    den = jnp.sum(l * scale, axis=2)
     return num / jnp.where(den > 0, den, 1.0)[..., None]
 
 
