@@ -12,11 +12,13 @@ the device time of every kernel by op family. A kernel's family comes from the n
 instruction was traced under (jax.named_scope in the model and the Medusa step: qkv_proj, rope,
 kv_write, attention, o_proj, mlp, norm, lm_head, sampling, candidates, acceptance, compaction, heads);
 "other" is everything outside those scopes (loop bookkeeping), and "idle" is the step time no kernel
-covers (launch gaps, the while loop's host round trip). XLA turns its command buffers (CUDA graphs) off while
-a profiler records, so on a GPU the script compiles with xla_enable_command_buffers_during_profiling: the
-trace then times the program the loop timing ran (results before 2026-12-02's gap table were profiled op by
-op, whose per-kernel times match but whose idle column mixed the two programs). `--gaps N` prints where the stream waits, summed by
-the pair of kernels around each wait (also in the JSON's "gaps"). Each row also lists its kernels with their calls per
+covers: the loop's step time less the profiled run's kernel time. XLA runs a loop op by op, without its
+command buffers (CUDA graphs), while a profiler records, so the two runs differ in launches but not in kernels.
+`--gaps N` prints where the profiled run's stream waits, summed by the pair of kernels around each wait (also
+in the JSON's "gaps"); its ~1 ms a step between the while loop's predicate copy (MemcpyD2H) and the next
+step's first kernel is the profiled run's host round trip, which the timed run does not pay in full (H200,
+2026-12-02: `--xla-option xla_enable_command_buffers_during_profiling=true` left it and every kernel time as
+they were). Each row also lists its kernels with their calls per
 step (XLA reuses one kernel for identical fusions, so a name can cover every layer); `--dump DIR` writes the
 optimized HLO of each configuration, to read what a fusion holds. `--gemm-impls xla cublas pallas` runs
 every row once per GEMM implementation (JAXMEDUSA_GEMM while it traces and compiles, with the XLA options
@@ -40,8 +42,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-# The XLA option that keeps command buffers (CUDA graphs) on while the profiler records.
-PROFILE_GRAPHS = "xla_enable_command_buffers_during_profiling"
 FAMILIES = ("heads", "candidates", "acceptance", "compaction", "sampling", "lm_head", "kv_write", "attention",
             "qkv_proj", "rope", "o_proj", "mlp", "norm")
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s.*?op_name="([^"]*)"')
@@ -156,9 +156,6 @@ def main() -> None:
                          "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN")
     ap.add_argument("--gaps", type=int, default=0, metavar="N",
                     help="print each row's N largest waits between kernels (by kernel before -> kernel after)")
-    ap.add_argument("--profile-op-by-op", action="store_true",
-                    help=f"profile as XLA does by default, op by op without CUDA graphs (otherwise {PROFILE_GRAPHS}: "
-                         "the trace then times the program the loop timing ran)")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="also write each configuration's optimized HLO (gzipped) under DIR, to read what a fusion holds")
     args = ap.parse_args()
@@ -192,9 +189,6 @@ def main() -> None:
         h = MedusaHeads.for_model(lm, 4, 1, shared_lm_head=kind == "shared", rngs=nnx.Rngs(1))
         heads[kind] = nnx.split(quantize_heads(h) if kind == "own-int8" else h)
     extra_options = dict(parse_option(o) for o in args.xla_option)
-    if jax.default_backend() == "gpu" and not args.profile_op_by_op:
-        # XLA runs op by op while the profiler is on unless told otherwise: the trace would time another program
-        extra_options.setdefault(PROFILE_GRAPHS, True)
     n = args.steps
     key = jax.random.key(0)
     eos = jnp.asarray([-1], jnp.int32)
