@@ -200,7 +200,9 @@ def run_api(args) -> list[dict]:
     """Through the public API: jaxmedusa.generate() on a Model with random heads, second call of each
     configuration; a step is the call's decode_seconds / steps, so it carries the call's fixed costs (the heads
     on the prompt's last state, the copy to the host) spread over the steps taken, which are fewer when random
-    heads on a random model get tokens accepted. Prompt tokens are random; generate() times the prefill apart."""
+    heads on a random model get tokens accepted. Prompt tokens are random; generate() times the prefill apart.
+    Each configuration also runs with 4x the new tokens: the two calls' difference gives the cost of a step
+    inside a call (slope_ms) and what a call costs beyond its steps (fixed_ms), which the per-step time mixes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -213,7 +215,7 @@ def run_api(args) -> list[dict]:
     cfg = ModelConfig.from_hf_dict(MODELS[args.model])
     lm = create_lm(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0))
     n = args.steps
-    model = jaxmedusa.Model(lm, max_len=max(args.tree_prompts) + n + max(args.tree_sizes) + 64,
+    model = jaxmedusa.Model(lm, max_len=max(args.tree_prompts) + 4 * n + max(args.tree_sizes) + 64,
                             heads=MedusaHeads.for_model(lm, 4, 1, rngs=nnx.Rngs(1)))
     rng = np.random.default_rng(0)
     rows = []
@@ -226,17 +228,33 @@ def run_api(args) -> list[dict]:
                                                                  dict(tree=tree_of_size(t))))
                 jaxmedusa.generate(model, prompts, **kw)  # compile and warm up
                 st = jaxmedusa.generate(model, prompts, **kw).stats
+                long_kw = dict(kw, max_new_tokens=4 * n)
+                jaxmedusa.generate(model, prompts, **long_kw)
+                lst = jaxmedusa.generate(model, prompts, **long_kw).stats
                 step_ms = st["decode_seconds"] / st["steps"] * 1e3
+                slope_ms, fixed_ms = call_fit(st, lst)
                 base = step_ms if t == 1 else base
                 row = dict(batch=b, prompt=p, tree_nodes=t, step_ms=step_ms, steps=st["steps"],
                            tokens_per_step=st["tokens_per_step"], ratio=step_ms / base,
-                           prefill_ms=st["prefill_seconds"] * 1e3)
+                           prefill_ms=st["prefill_seconds"] * 1e3, slope_ms=slope_ms, fixed_ms=fixed_ms,
+                           long_steps=lst["steps"])
                 rows.append(row)
                 print(f"api B={b} P={p} T={t}: {step_ms:.3f} ms/step ({st['steps']} steps, "
-                      f"{st['tokens_per_step']:.2f} tokens/step), {row['ratio']:.3f}x vanilla", flush=True)
+                      f"{st['tokens_per_step']:.2f} tokens/step), {row['ratio']:.3f}x vanilla; "
+                      f"in-call step {slope_ms:.3f} ms + {fixed_ms:.2f} ms a call", flush=True)
     del model, lm
     jax.clear_caches()
     return rows
+
+
+def call_fit(short: dict, long: dict) -> tuple[float, float]:
+    """(ms a step, ms a call beyond its steps) from two generate() calls' stats that took different step counts;
+    (nan, nan) when they took the same number of steps."""
+    ds = long["steps"] - short["steps"]
+    if ds <= 0:
+        return float("nan"), float("nan")
+    slope = (long["decode_seconds"] - short["decode_seconds"]) / ds
+    return slope * 1e3, (short["decode_seconds"] - slope * short["steps"]) * 1e3
 
 
 def run_hf(args) -> list[dict]:
@@ -351,9 +369,11 @@ def main() -> None:
             cells = {r["tree_nodes"]: r["ratio"] for r in result["verify"] if r["batch"] == b and r["prompt"] == p}
             print(f"     {p:>6} " + " ".join(f"{cells[t]:<7.3f}" if cells.get(t) else f"{'-':<7}" for t in sizes))
     if result.get("api"):
-        print("\nthrough jaxmedusa.generate(): ms per step (ratio to vanilla)")
+        print("\nthrough jaxmedusa.generate(): ms per step (ratio to vanilla); a step inside a call and a call's "
+              "fixed cost, from calls of n and 4n new tokens")
         for r in result["api"]:
-            print(f"B={r['batch']} P={r['prompt']} T={r['tree_nodes']:<4} {r['step_ms']:8.3f} ({r['ratio']:.3f})")
+            print(f"B={r['batch']} P={r['prompt']} T={r['tree_nodes']:<4} {r['step_ms']:8.3f} ({r['ratio']:.3f})"
+                  f"  in-call step {r['slope_ms']:7.3f}  fixed {r['fixed_ms']:6.2f}")
     write_json(out, result)
     print(f"wrote {out}")
 
