@@ -83,14 +83,15 @@ for impl in (None, "interpret") if n == 2 else (None,):  # the Pallas kernels pe
     assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, medusa=False, eos_token_id=[],
                               attn_impl=impl).tokens == want, impl
     assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, eos_token_id=[], attn_impl=impl).tokens == want, impl
-chunks = list(jaxmedusa.stream(tp, prompts, max_new_tokens=12, eos_token_id=[]))
-assert [sum((c[i] for c in chunks), []) for i in range(2)] == want
-# int8 heads keep the vocab split of the projections they come from
-tp.heads = jaxmedusa.quantize_heads(tp.heads)
-proj = tp.heads.heads[0].proj
-assert proj.qkernel[...].addressable_shards[0].data.shape[1] == tp.config.vocab_size // n
-assert proj.scale[...].addressable_shards[0].data.shape[0] == tp.config.vocab_size // n
-assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, eos_token_id=[]).tokens == want
+if n == 2:  # stream() and int8 heads split as the rest does: one mesh size shows it (each compiles anew)
+    chunks = list(jaxmedusa.stream(tp, prompts, max_new_tokens=12, eos_token_id=[]))
+    assert [sum((c[i] for c in chunks), []) for i in range(2)] == want
+    # int8 heads keep the vocab split of the projections they come from
+    tp.heads = jaxmedusa.quantize_heads(tp.heads)
+    proj = tp.heads.heads[0].proj
+    assert proj.qkernel[...].addressable_shards[0].data.shape[1] == tp.config.vocab_size // n
+    assert proj.scale[...].addressable_shards[0].data.shape[0] == tp.config.vocab_size // n
+    assert jaxmedusa.generate(tp, prompts, max_new_tokens=12, eos_token_id=[]).tokens == want
 print("OK")
 """
 
