@@ -18,9 +18,9 @@ command buffers (CUDA graphs), while a profiler records, so the two runs differ 
 in the JSON's "gaps"); its ~1 ms a step between the while loop's predicate copy (MemcpyD2H) and the next
 step's first kernel is the profiled run's host round trip, which the timed run does not pay in full (H200,
 2026-12-02: `--xla-option xla_enable_command_buffers_during_profiling=true` left it and every kernel time as
-they were). Each row also lists its kernels with their calls per
-step (XLA reuses one kernel for identical fusions, so a name can cover every layer); `--dump DIR` writes the
-optimized HLO of each configuration, to read what a fusion holds. `--gemm-impls xla cublas pallas` runs
+they were). Each row also lists its kernels with their calls per step (XLA reuses one kernel for identical
+fusions, so a name can cover every layer); `--dump DIR` writes the optimized HLO of each configuration, to
+read what a fusion holds. `--gemm-impls xla cublas pallas` runs
 every row once per GEMM implementation (JAXMEDUSA_GEMM while it traces and compiles, with the XLA options
 generate() would use: kernels.dispatch.loop_compiler_options): the in-model A/B of XLA's autotuned GEMMs,
 cuBLAS alone, and the flat GEMM. Writes bench/results/verify-breakdown-DATE-DEVICE.json.
@@ -284,8 +284,8 @@ def main() -> None:
                           f"({row['kernels_per_step']:.0f}/step), idle {row['idle_ms']:.3f} ms (gaps between kernels "
                           f"{gap_ms:.3f} ms)", flush=True)
                     for g in gaps[:args.gaps]:
-                        print(f"    gap {g['ms'] * 1e3:7.1f} us/step over {g['count']:5.1f} gaps: {g['before'][:50]} -> "
-                              f"{g['after'][:50]}", flush=True)
+                        print(f"    gap {g['ms'] * 1e3:7.1f} us/step over {g['count']:5.1f} gaps: "
+                              f"{g['before'][:50]} -> {g['after'][:50]}", flush=True)
         del cache
     result["rows"] = rows
     save(result, out)

@@ -323,7 +323,7 @@ def test_loop_compiler_options_send_verify_gemms_to_cublas_and_keep_head_gemms_a
     assert dispatch.loop_compiler_options(tree=True, rows=4 * low) == {**dispatch.CUBLAS_OPTIONS, **verify}
     assert dispatch.loop_compiler_options(tree=True, rows=low - 1) == verify  # few rows: XLA's GEMM pick was faster
     assert dispatch.loop_compiler_options(tree=False, rows=low) is None  # one-row decode keeps XLA's pick
-    assert dispatch.loop_compiler_options(tree=False, impl="cublas") == dispatch.CUBLAS_OPTIONS
+    assert dispatch.loop_compiler_options(tree=False, impl="cublas") == dispatch.CUBLAS_OPTIONS  # no heads to keep apart
     assert dispatch.loop_compiler_options(tree=True, rows=low, quantized_heads=True) == verify  # Triton fuses int8
     for impl in ("xla", "pallas"):
         assert dispatch.loop_compiler_options(tree=True, rows=low, impl=impl) == verify
