@@ -101,7 +101,7 @@ def gap_table(events, steps: int, scopes: dict[str, str], top: int = 12) -> tupl
     total = 0.0
     for evs in by_stream.values():
         evs.sort()
-        end = evs[0][1] if evs else 0.0
+        end = evs[0][1]
         for (s0, e0, n0, h0), (s1, e1, n1, h1) in zip(evs, evs[1:]):
             gap = s1 - max(end, e0)
             end = max(end, e1)

@@ -24,7 +24,7 @@ from .memory import cache_bucket, check_request, clear_oom
 from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step_with
 from . import sharding
 from .sampling import choose_tokens
-from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, published_trees
+from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, resolve_tree
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share a compilation
 
@@ -367,7 +367,7 @@ def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:
     k = model.heads.num_heads
     tree = model.tree if tree is None else tree
     if tree is None:
-        paths = [p for p in published_trees()[DEFAULT_TREE] if len(p) <= k]
+        paths = [p for p in resolve_tree(DEFAULT_TREE) if len(p) <= k]
         return build_tree(paths, num_heads=k, top_k=top_k)
     return build_tree(tree, num_heads=k, top_k=top_k)
 
