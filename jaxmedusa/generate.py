@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from functools import partial
@@ -205,7 +206,7 @@ def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, tempera
     medusa_stats = None
     if run.use_medusa:
         heads_graphdef, heads_state = model.split_heads()
-        args = (state, heads_state, cache, hidden, jax.random.key(seed), run.eos, run.params)
+        args = (state, heads_state, cache, hidden, seed_key(seed), run.eos, run.params)
         static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=run.tree,
                       max_new_tokens=max_new_tokens, acceptance=run.acceptance, use_top_p=top_p < 1.0,
                       attn_impl=attn_impl)
@@ -215,7 +216,7 @@ def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, tempera
             out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
         steps = medusa_stats.steps
     else:
-        args = (state, cache, hidden, jax.random.key(seed), run.eos, run.params.temperature, run.params.top_p)
+        args = (state, cache, hidden, seed_key(seed), run.eos, run.params.temperature, run.params.top_p)
         static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
                       use_top_p=top_p < 1.0, attn_impl=attn_impl)
         with clear_oom("the decode loop"):
@@ -270,13 +271,20 @@ class _Run:
     dtype: Any
 
 
+@functools.lru_cache(maxsize=64)
+def seed_key(seed: int) -> jax.Array:
+    """jax.random.key(seed), made once per seed: making it runs a kernel and waits for it (~1 ms a call on the
+    H200's host, measured inside generate()). Keys are immutable and never donated, so calls can share one."""
+    return jax.random.key(seed)
+
+
 def _run_prefill(run: _Run, attn_impl) -> tuple[KVCache, jax.Array, float]:
     """Prefills the request's cache, checked against free memory first. Returns (cache, hidden, compile s)."""
     b, width = run.tokens.shape
     check_request(run.config, run.dtype, b, run.cache_len, width)
     with clear_oom("the prefill"):
         (cache, hidden), seconds = call_compiled(
-            prefill, (run.state, jnp.asarray(run.tokens), jnp.asarray(run.lens)),
+            prefill, (run.state, *jax.device_put((run.tokens, run.lens))),
             dict(graphdef=run.graphdef, max_len=run.cache_len, attn_impl=attn_impl))
         jax.block_until_ready(hidden)
     return cache, hidden, seconds
@@ -307,11 +315,14 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token
     tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens, tree_slots)
     need = int(lens.max()) + max_new_tokens + tree_slots
     cache_len = max(cache_bucket(need, model.max_len), tokens.shape[1])
-    params = AcceptanceParams(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                              jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
+    # host values in one device_put: jnp.float32(x) would run a conversion on the device for each (a round trip
+    # of ~0.5 ms apiece on the H200's host)
+    params, eos_ids = jax.device_put((
+        AcceptanceParams(np.float32(max(temperature, 1e-6)), np.float32(top_p), np.float32(posterior_threshold),
+                         np.float32(posterior_alpha)),
+        np.asarray(eos if eos else (-1,), np.int32)))
     graphdef, state = model.split()
-    return _Run(ids=ids, tokens=tokens, lens=lens, use_medusa=use_medusa, tree=tree_buf,
-                eos=jnp.asarray(eos if eos else (-1,), jnp.int32), params=params,
+    return _Run(ids=ids, tokens=tokens, lens=lens, use_medusa=use_medusa, tree=tree_buf, eos=eos_ids, params=params,
                 acceptance=acceptance if temperature > 0 else "greedy", graphdef=graphdef, state=state,
                 cache_len=cache_len, config=model.config, dtype=model.dtype)
 
@@ -330,8 +341,8 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
     with traced_calls(model):  # around each traced call, never across a yield
         cache, hidden, _ = _run_prefill(run, attn_impl)
     b = len(run.ids)
-    done = jnp.zeros((b,), bool)
-    key = jax.random.key(seed)
+    done = np.zeros((b,), bool)
+    key = seed_key(seed)
     use_top_p = top_p < 1.0
     if run.use_medusa:
         heads_graphdef, heads_state = model.split_heads()
@@ -339,26 +350,28 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
                       use_top_p=use_top_p)
         with traced_calls(model):
             s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
-        n = jnp.zeros((b,), jnp.int32)
+        n = np.zeros((b,), np.int32)
         step_fn = medusa_stream_step_with(tuple(sorted((verify_compiler_options(model, run) or {}).items())))
-        while not bool(jnp.all(done)):
+        done_h = done
+        while not np.all(done_h):  # tested on the host copy: jnp.all would launch a kernel and wait for it
             with traced_calls(model):
                 s, tokens, take, n, done = step_fn(run.state, heads_state, s, n, done, run.eos, run.params,
                                                    max_new_tokens=max_new_tokens, attn_impl=attn_impl, **static)
-            tokens, take = jax.device_get((tokens, take))
+            tokens, take, done_h = jax.device_get((tokens, take, done))
             yield [tokens[i, :take[i]].tolist() for i in range(b)]
     else:
+        was_done = done
         for _ in range(max_new_tokens):
-            was_done = np.asarray(done)
             with traced_calls(model):
                 cache, hidden, key, tok, done = vanilla_stream_step(
                     run.state, cache, hidden, key, done, run.eos, run.params.temperature, run.params.top_p,
                     graphdef=run.graphdef, greedy=temperature == 0.0,
                     use_top_p=use_top_p, attn_impl=attn_impl)
-            tok = np.asarray(tok)
+            tok, done_h = jax.device_get((tok, done))
             yield [[] if was_done[i] else [int(tok[i])] for i in range(b)]
-            if bool(jnp.all(done)):
+            if np.all(done_h):
                 break
+            was_done = done_h
 
 
 def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:

@@ -103,3 +103,32 @@ def test_generate_and_stream_reuse_compilations_across_equal_models():
     again = list(jaxmedusa.stream(b, [3, 4, 5], max_new_tokens=3, eos_token_id=[]))
     assert vanilla_stream_step._cache_size() == size
     assert sum(chunks, []) == sum(again, []) and [t for c in chunks for t in c[0]] == first.tokens[0]
+
+
+def test_cache_key_describes_a_model_state_once_and_forgets_it_with_the_state():
+    import gc
+
+    from jaxmedusa import compile_cache
+
+    fn = jax.jit(lambda s, x: x)
+    x = jnp.ones((2,), jnp.float32)
+    _, state = nnx.split(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+    key = cache_key(fn, (state, x), {})
+    assert compile_cache._STATE_SIGNATURES[id(state)][0]() is state
+    assert cache_key(fn, (state, x), {}) == key
+    _, wider = nnx.split(nnx.Linear(4, 8, rngs=nnx.Rngs(0)))
+    assert cache_key(fn, (wider, x), {}) != key  # another state: described on its own, no stale hit
+    _, same_shapes = nnx.split(nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
+    assert cache_key(fn, (same_shapes, x), {}) == key  # equal shapes still share a compilation
+    gone = id(state)
+    del state
+    gc.collect()
+    assert gone not in compile_cache._STATE_SIGNATURES
+
+
+def test_seed_key_is_jax_random_key_made_once_per_seed():
+    from jaxmedusa.generate import seed_key
+
+    for seed in (0, 7, 2**40 + 3):
+        np.testing.assert_array_equal(jax.random.key_data(seed_key(seed)), jax.random.key_data(jax.random.key(seed)))
+        assert seed_key(seed) is seed_key(seed)
