@@ -2,12 +2,20 @@
 
     python bench/call_overhead.py                      # 32 layers (Llama-2-7B's structure), hidden 64
     python bench/call_overhead.py --layers 80          # Llama-2-70B's structure
+    python bench/call_overhead.py --parts --shapes llama2-7b --prompt 1024 --tokens 32
+                                                       # a generate() call part by part, 7B shapes (GPU)
 
 The model has a real model's number of layers (so its GraphDef and state have as many nodes and leaves) but a
 tiny width, so device time is small and what is timed is mostly Python: building the request, the compile
 cache's key, jit's static-argument hashing, argument flattening, dispatch and the copy back. Times are medians
 over --calls calls after a warm-up (compiles excluded). The parts are timed alone too. Prints a table and writes
 bench/results/call-overhead-DATE-DEVICE.json.
+
+--parts times one generate() call's parts apart, in the order generate() runs them (request checks and host
+values, the prefill, the random key, the compile-cache key, the on-device loop, the copy back), vanilla and
+Medusa (the default tree), at --tokens and 4x --tokens new tokens: the two loop calls' difference gives the
+loop's cost a step and what the loop call costs beyond its steps. With --shapes llama2-7b the model has real
+widths (random bf16 weights), for the GPU, where every small host-to-device value is a round trip.
 """
 
 from __future__ import annotations
@@ -22,10 +30,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxmedusa
-from jaxmedusa.compile_cache import cache_key, unwrap
+from jaxmedusa.compile_cache import cache_key, call_compiled, unwrap
 from jaxmedusa.generate import prefill
 from jaxmedusa.heads import MedusaHeads
-from jaxmedusa.models import ModelConfig
+from jaxmedusa.models import ModelConfig, create_lm
 
 from decode import device_name, write_result
 
@@ -41,13 +49,67 @@ def median_ms(fn, calls: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def build(layers: int, hidden: int, num_heads: int) -> jaxmedusa.Model:
-    cfg = ModelConfig.from_hf_dict(dict(
-        architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512))
-    lm = jaxmedusa.LlamaForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+def build(layers: int, hidden: int, num_heads: int, shapes: str = "tiny", max_len: int = 256) -> jaxmedusa.Model:
+    """A model of `layers` layers and width `hidden` (float32), or a real model's shapes (bfloat16, random)."""
+    if shapes == "tiny":
+        cfg = ModelConfig.from_hf_dict(dict(
+            architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512))
+        dtype = jnp.float32
+    else:
+        from e2e import MODELS
+
+        cfg, dtype = ModelConfig.from_hf_dict(MODELS[shapes]), jnp.bfloat16
+    lm = create_lm(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     heads = MedusaHeads.for_model(lm, num_heads, 1, rngs=nnx.Rngs(1))
-    return jaxmedusa.Model(lm, max_len=256, heads=heads)
+    return jaxmedusa.Model(lm, max_len=max_len, heads=heads)
+
+
+def call_parts(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: int, calls: int) -> dict:
+    """Median ms of each part of a generate() call, timed the way _generate runs them (same internals), plus the
+    whole call through the public API; "steps" is the call's step count."""
+    import importlib
+
+    g = importlib.import_module("jaxmedusa.generate")  # the module; jaxmedusa.generate is the function
+    parts: dict[str, list[float]] = {k: [] for k in ("generate", "request", "prefill", "key", "cache_key", "loop",
+                                                     "copy_back")}
+    kw = dict(max_new_tokens=new, medusa=medusa, eos_token_id=[])
+    jaxmedusa.generate(model, prompt, **kw)
+    steps = 0
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        steps = jaxmedusa.generate(model, prompt, **kw).stats["steps"]
+        t1 = time.perf_counter()
+        run = g._prepare(model, prompt, new, 0.0, 1.0, 0, [], medusa, None, "greedy", g.DEFAULT_TOP_K, 0.09, 0.3)
+        t2 = time.perf_counter()
+        with g.traced_calls(model):
+            cache, hidden, _ = g._run_prefill(run, None)
+        t3 = time.perf_counter()
+        key = getattr(g, "seed_key", jax.random.key)(0)  # before seed_key existed: a key made every call
+        t4 = time.perf_counter()
+        if medusa:
+            heads_graphdef, heads_state = model.split_heads()
+            args = (run.state, heads_state, cache, hidden, key, run.eos, run.params)
+            static = dict(graphdef=run.graphdef, heads_graphdef=heads_graphdef, tree=run.tree, max_new_tokens=new,
+                          acceptance=run.acceptance, use_top_p=False, attn_impl=None)
+            fn, options = g.medusa_loop, g.verify_compiler_options(model, run)
+        else:
+            args = (run.state, cache, hidden, key, run.eos, run.params.temperature, run.params.top_p)
+            static = dict(graphdef=run.graphdef, max_new_tokens=new, greedy=True, use_top_p=False, attn_impl=None)
+            fn, options = g.decode_loop, None
+        hash(cache_key(fn, args, static, options))
+        t5 = time.perf_counter()
+        with g.traced_calls(model):
+            out = call_compiled(fn, args, static, options)[0]  # computes the key again: subtracted below
+        t6 = time.perf_counter()
+        jax.device_get(out[:3])
+        t7 = time.perf_counter()
+        for name, (a, b) in dict(generate=(t0, t1), request=(t1, t2), prefill=(t2, t3), key=(t3, t4),
+                                 cache_key=(t4, t5), loop=(t5, t6), copy_back=(t6, t7)).items():
+            parts[name].append(b - a)
+    med = {k: 1e3 * statistics.median(v) for k, v in parts.items()}
+    med["loop"] -= med["cache_key"]
+    return dict(steps=steps, **med)
 
 
 def main() -> None:
@@ -59,11 +121,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="tokens per stream() call")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--label", default="", help="appended to the JSON's name (before/after an A/B)")
+    ap.add_argument("--parts", action="store_true", help="time a generate() call part by part (see above)")
+    ap.add_argument("--shapes", choices=["tiny", "llama2-7b", "llama2-13b"], default="tiny",
+                    help="tiny: --layers x --hidden in float32; else that model's shapes, random bf16 weights")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    model = build(args.layers, args.hidden, args.medusa_heads)
+    model = build(args.layers, args.hidden, args.medusa_heads, args.shapes,
+                  max(256, args.prompt + 4 * args.tokens + 128))
     prompt = list(range(3, 3 + args.prompt))
+    if args.parts:
+        return main_parts(args, model, prompt)
     graphdef, state = model.split()
     heads_graphdef, _ = model.split_heads()
     n = args.calls
@@ -98,6 +166,29 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     result = dict(date=date, device=device_name(), jax=jax.__version__, config=vars(args), rows=rows)
     write_result(result, "call-overhead" + (f"-{args.label}" if args.label else ""), args.out)
+
+
+def main_parts(args, model: jaxmedusa.Model, prompt: list[int]) -> None:
+    """--parts: the table of a generate() call's parts, vanilla and Medusa, at --tokens and 4x --tokens."""
+    rows = []
+    print(f"generate() part by part, ms (medians of {args.calls}); {args.shapes} shapes, prompt {args.prompt}; "
+          f"device {device_name()}; jax {jax.__version__}")
+    names = ("steps", "generate", "request", "prefill", "key", "cache_key", "loop", "copy_back")
+    print(f"{'call':<22}" + "".join(f"{n:>10}" for n in names))
+    for medusa in (False, True):
+        timed = [call_parts(model, prompt, medusa, new, args.calls) for new in (args.tokens, 4 * args.tokens)]
+        short, long = timed
+        slope = (long["loop"] + long["copy_back"] - short["loop"] - short["copy_back"]) / max(
+            long["steps"] - short["steps"], 1)
+        for new, r in zip((args.tokens, 4 * args.tokens), timed):
+            what = f"{'medusa' if medusa else 'vanilla'} {new} tokens"
+            print(f"{what:<22}" + "".join(f"{r[n]:>10.2f}" if n != "steps" else f"{r[n]:>10d}" for n in names))
+        fixed = short["loop"] + short["copy_back"] - slope * short["steps"]
+        print(f"{'':<22}loop {slope:.3f} ms a step + {fixed:.2f} ms a call (with the copy back)")
+        rows.append(dict(medusa=medusa, short=short, long=long, loop_step_ms=slope, loop_call_fixed_ms=fixed))
+    date = datetime.date.today().isoformat()
+    result = dict(date=date, device=device_name(), jax=jax.__version__, config=vars(args), parts=rows)
+    write_result(result, "call-overhead-parts" + (f"-{args.label}" if args.label else ""), args.out)
 
 
 if __name__ == "__main__":

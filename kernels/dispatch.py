@@ -35,6 +35,7 @@ IMPLS = ("auto", "reference", "pallas", "interpret")
 ENV_VAR = "JAXMEDUSA_ATTENTION"
 PREFILL_IMPLS = ("auto", "cudnn", "blockwise")
 PREFILL_ENV_VAR = "JAXMEDUSA_PREFILL"
+Q_ROPE_ENV_VAR = "JAXMEDUSA_Q_ROPE"
 
 
 def resolve_impl(impl: str | None = None, dtype=None) -> str:
@@ -56,14 +57,32 @@ def exact_float32_products() -> bool:
     return str(jax.config.jax_default_matmul_precision or "").lower() in ("highest", "float32", "f32_f32_f32")
 
 
+def q_rope_in_kernel(impl: str | None, dtype, head_dim: int) -> bool:
+    """Whether attention() takes q un-rotated (with cos/sin) as the fused q/k/v product whole, for the Pallas
+    kernels to read the query heads in place and rotate them: only with JAXMEDUSA_Q_ROPE=kernel ("auto" and
+    "xla": no). It removes the kernel that rotated and laid out q (31 fewer kernels a step at 7B) but the attention
+    kernel's gathers cost about as much: in the model on an H200 (7B, prompt 1k, 2026-12-02,
+    verify-breakdown-q-rope-{xla,kernel}-...json) the rope row went 0.050 -> 0 ms and the attention row 0.465 ->
+    0.512 ms at B=1 T=64, kernel time 4.894 -> 4.850 ms, steps within noise (B=1 T=1 4.311 -> 4.283, T=64 5.040 ->
+    5.064; B=4 T=1 4.383 -> 4.502, T=64 7.769 -> 7.784)."""
+    choice = os.environ.get(Q_ROPE_ENV_VAR) or "auto"
+    if choice not in ("auto", "kernel", "xla"):
+        raise ValueError(f"{Q_ROPE_ENV_VAR}={choice!r} is not one of auto, kernel, xla")
+    return choice == "kernel" and resolve_impl(impl, dtype) in ("pallas", "interpret") and kernel_supports(head_dim)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree_mask: jax.Array, *,
-              sm_scale: float | None = None, impl: str | None = None, layer: int | None = None) -> jax.Array:
+              sm_scale: float | None = None, impl: str | None = None, layer: int | None = None,
+              num_heads: int | None = None, cos: jax.Array | None = None, sin: jax.Array | None = None,
+              rope_interleaved: bool = False) -> jax.Array:
     """Attention of T new tokens q [B, T, H, D] whose K/V were already written at slots [lengths, lengths+T).
 
     Each query sees the cache prefix [0, lengths) and the new slots tree_mask [T, T] allows (a causal
     mask for a prompt chunk, ancestors + self for a Medusa tree). With `layer`, k/v are the whole stacked
     cache [L, B, S, KVH, D] and the kernels read that layer in place (no per-call copy of it). A prompt
     over an empty cache goes to prefill_attention instead, which never reads the cache.
+    num_heads: only q's first num_heads heads are queries (q may be the whole fused q/k/v output). cos/sin
+    [B, T, R]: q is not rotated yet and the kernel rotates it (only where q_rope_in_kernel() said so).
     """
     chosen = resolve_impl(impl, q.dtype)
     t = q.shape[1]
@@ -71,18 +90,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
         if impl or os.environ.get(ENV_VAR):
             raise ValueError(f"attention impl {chosen!r} needs head_dim a power of two >= 16, got {q.shape[-1]}")
         chosen = "reference"
+    if cos is not None and chosen == "reference":
+        raise ValueError("attention() was given cos/sin to rotate q in the kernel, but the reference runs here: "
+                         "rotate q first where q_rope_in_kernel() is False")
     if chosen == "reference":
+        q = q if num_heads is None else q[:, :, :num_heads]
         if layer is not None:
             k, v = k[layer], v[layer]
         if t == 1:
             return reference.decode_attention_reference(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale)[:, None]
         return reference.tree_attention_reference(q, k, v, lengths, tree_mask, sm_scale=sm_scale)
     interpret = chosen == "interpret"
+    rope = dict(num_heads=num_heads, rope_interleaved=rope_interleaved)
     if t == 1:
-        return attention_pallas.decode_attention(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale,
-                                                 interpret=interpret, layer=layer)[:, None]
+        return attention_pallas.decode_attention(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale, interpret=interpret,
+                                                 layer=layer, cos=None if cos is None else cos[:, 0],
+                                                 sin=None if sin is None else sin[:, 0], **rope)[:, None]
     return attention_pallas.tree_attention(q, k, v, lengths, tree_mask, sm_scale=sm_scale, interpret=interpret,
-                                           layer=layer)
+                                           layer=layer, cos=cos, sin=sin, **rope)
 
 
 def cudnn_supports(dtype, head_dim: int) -> bool:

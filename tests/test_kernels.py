@@ -94,6 +94,66 @@ def test_tree_attention_matches_reference(t, kvh, d, unified_max):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("t, h, kvh, d, rotary, interleaved, dtype", [
+    (1, 8, 8, 64, 64, False, jnp.float32),    # decode, MHA, Llama's RoPE
+    (7, 8, 2, 64, 64, False, jnp.float32),    # tree, GQA 4
+    (5, 4, 2, 64, 32, True, jnp.float32),     # GLM: interleaved pairs on half of each head
+    (64, 4, 4, 128, 128, False, jnp.bfloat16),
+])
+def test_attention_reads_query_heads_of_the_fused_product_and_applies_rope(t, h, kvh, d, rotary, interleaved, dtype):
+    """q handed over as the whole fused q/k/v output [B, T, H + 2 KVH, D] (num_heads=H) and not yet rotated, with
+    cos/sin: the kernel reads the query heads in place and rotates them, matching the reference on the model's
+    apply_rope(q)."""
+    from jaxmedusa.models.rope import apply_rope
+
+    rng = np.random.default_rng()
+    b, s = 3, 150
+    lengths = np.array([0, 1, s - t], np.int32)
+    qkv = jnp.asarray(rng.standard_normal((b, t, h + 2 * kvh, d)), dtype)
+    _, k, v = random_inputs(rng, b, s, h, kvh, d, dtype, t=t, garbage_from=lengths + t)
+    positions = jnp.asarray(lengths)[:, None] + jnp.arange(t)[None]
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rng.uniform(0.01, 1.0, rotary // 2), jnp.float32)
+    emb = jnp.repeat(angles, 2, axis=-1) if interleaved else jnp.concatenate([angles, angles], axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    q = apply_rope(qkv[:, :, :h], cos, sin, interleaved)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    if t == 1:
+        out = decode_attention(qkv[:, 0], k, v, jnp.asarray(lengths) + 1, num_heads=h, cos=cos[:, 0], sin=sin[:, 0],
+                               rope_interleaved=interleaved, block_k=32, interpret=True)
+        ref = decode_attention_reference(q[:, 0], k, v, jnp.asarray(lengths) + 1)
+    else:
+        mask = jnp.asarray(published_tree_mask()[:t, :t])
+        out = tree_attention(qkv, k, v, jnp.asarray(lengths), mask, num_heads=h, cos=cos, sin=sin,
+                             rope_interleaved=interleaved, block_k=32, interpret=True)
+        ref = tree_attention_reference(q, k, v, jnp.asarray(lengths), mask)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) < tol
+    with pytest.raises(ValueError, match="num_heads"):
+        tree_attention(qkv, k, v, jnp.asarray(lengths), jnp.ones((t, t), bool), num_heads=h + 2 * kvh + 1,
+                       interpret=True)
+
+
+def test_attention_kernels_lower_to_triton_for_a_gpu():
+    """Lowered for CUDA on this host (jax.export, nothing compiled or run): the Triton lowering takes the kernel
+    as written, the fused-q/RoPE variant included, so a GPU session does not find that out first."""
+    from jax import export
+
+    q = jax.ShapeDtypeStruct((1, 64, 48, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1, 300, 8, 128), jnp.bfloat16)
+    lengths, mask = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((64, 64), jnp.bool_)
+    rope = jax.ShapeDtypeStruct((1, 64, 128), jnp.float32)
+
+    def both(q, k, v, lengths, mask, cos, sin):
+        tree = tree_attention(q, k, v, lengths, mask, layer=1, num_heads=32, cos=cos, sin=sin)
+        decode = decode_attention(q[:, 0], k, v, lengths, layer=0)
+        return tree, decode
+
+    exported = export.export(jax.jit(both), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        q, kv, kv, lengths, mask, rope, rope)
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2
+
+
 def test_default_tiling_per_tile_and_tree_with_defaults_matches_reference():
     """Tiles of up to 64 rows (decode's 16, trees' up to 64) take 64-slot blocks three stages deep; 128-row
     tiles 128 / 2 (H200 sweeps over 32 layers' caches). The defaults give the reference's answer on ragged lengths."""
@@ -193,6 +253,8 @@ def test_dispatcher_routes_and_validates(monkeypatch):
     one = jnp.ones((1, 1), bool)
     ref = attention(q, k, v, lengths, one, impl="reference")
     np.testing.assert_allclose(attention(q, k, v, lengths, one, impl="interpret"), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="cos/sin"):
+        attention(q, k, v, lengths, one, impl="reference", cos=jnp.ones((2, 1, 64)), sin=jnp.zeros((2, 1, 64)))
     monkeypatch.setenv("JAXMEDUSA_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="'bogus'"):
         attention(q, k, v, lengths, one)
@@ -226,9 +288,15 @@ def test_auto_attention_keeps_exact_float32_on_xla(monkeypatch):
     assert called == [jnp.bfloat16, jnp.float32]
 
 
-def test_model_logits_with_kernels_equal_reference_path():
+@pytest.mark.parametrize("q_rope", ["auto", "kernel"])
+def test_model_logits_with_kernels_equal_reference_path(monkeypatch, q_rope):
     from conftest import random_lm
     from jaxmedusa.cache import KVCache
+    from jaxmedusa.kernels import q_rope_in_kernel
+
+    monkeypatch.setenv("JAXMEDUSA_Q_ROPE", q_rope)  # kernel: the decoder hands the kernels the fused q/k/v output
+    assert q_rope_in_kernel("interpret", jnp.float32, 32) == (q_rope == "kernel")
+    assert not q_rope_in_kernel("reference", jnp.float32, 32)
 
     lm = random_lm(seed=31, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # head_dim 32
     ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 12)), jnp.int32)

@@ -48,6 +48,34 @@ def test_compiled_attention_matches_reference(b, s, h, kvh, t):
     assert rel_err(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("b, h, kvh, t, interleaved", [(1, 32, 32, 1, False), (1, 32, 32, 64, False),
+                                                        (4, 32, 8, 64, False), (2, 32, 2, 16, True)])
+def test_compiled_attention_reads_the_fused_product_and_applies_rope(b, h, kvh, t, interleaved):
+    """The query heads read in place from the fused q/k/v output and rotated in the kernel, compiled."""
+    from jaxmedusa.kernels import decode_attention_reference, tree_attention_reference
+    from jaxmedusa.models.rope import apply_rope
+
+    rng = np.random.default_rng()
+    s, d = 1184, 128
+    rotary = d // 2 if interleaved else d
+    lengths = jnp.asarray(rng.integers(1, s - t + 1, size=b), jnp.int32)
+    qkv = jnp.asarray(rng.standard_normal((b, t, h + 2 * kvh, d)), jnp.bfloat16)
+    _, k, v = random_inputs(rng, b, s, h, kvh, d, jnp.bfloat16, t=t)
+    angles = (lengths[:, None] + jnp.arange(t))[..., None] * jnp.asarray(rng.uniform(1e-4, 1, rotary // 2), jnp.float32)
+    emb = jnp.repeat(angles, 2, axis=-1) if interleaved else jnp.concatenate([angles, angles], axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    q = apply_rope(qkv[:, :, :h], cos, sin, interleaved)
+    if t == 1:
+        got = decode_attention(qkv[:, 0], k, v, lengths + 1, num_heads=h, cos=cos[:, 0], sin=sin[:, 0],
+                               rope_interleaved=interleaved)
+        want = decode_attention_reference(q[:, 0], k, v, lengths + 1)
+    else:
+        mask = jnp.asarray(published_tree_mask()[:t, :t])
+        got = tree_attention(qkv, k, v, lengths, mask, num_heads=h, cos=cos, sin=sin, rope_interleaved=interleaved)
+        want = tree_attention_reference(q, k, v, lengths, mask)
+    assert rel_err(got, want) < 1e-2
+
+
 @pytest.mark.parametrize("shape, dtype, scale_f32", [((1, 1, 4096), jnp.bfloat16, False),
                                                      ((1, 64, 4096), jnp.bfloat16, False),
                                                      ((4, 64, 4096), jnp.float16, True)])

@@ -23,6 +23,7 @@ from flax import nnx
 
 from ..cache import KVCache
 from .config import ConfigError, ModelConfig, RopeConfig, eos_tuple, hf_eos, hf_rope, required, silu_act
+from ..kernels import q_rope_in_kernel
 from .layers import RMSNorm, cached_attention, checkpointed, linear, lm_head_logits, split_columns
 from .params import ParamEntry, fused_linear_entries, linear_entries
 from .rope import apply_rope, inv_freq, rope_cos_sin
@@ -124,15 +125,26 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         with jax.named_scope("qkv_proj"):
-            q, k, v = split_columns(self.qkv_proj(x), self.fused_parts()[0], self.shards)
+            qkv = self.qkv_proj(x)
+            q, k, v = split_columns(qkv, self.fused_parts()[0], self.shards)
             q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
             k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # with JAXMEDUSA_Q_ROPE=kernel, decode and verify steps on the Pallas kernels rotate q in the attention
+        # kernel, which reads the query heads straight from the fused product (kernels.q_rope_in_kernel)
+        in_kernel = (cache is not None and not prefill and self.q_norm is None
+                     and q_rope_in_kernel(attn_impl, q.dtype, cfg.head_dim))
         with jax.named_scope("rope"):
-            q, k = apply_rope(q, cos, sin, cfg.rope.interleaved), apply_rope(k, cos, sin, cfg.rope.interleaved)
-        o, cache = cached_attention(q, k, v, cache, layer, tree_mask, prefill, attn_impl)
+            k = apply_rope(k, cos, sin, cfg.rope.interleaved)
+            if not in_kernel:
+                q = apply_rope(q, cos, sin, cfg.rope.interleaved)
+        if in_kernel:
+            o, cache = cached_attention(qkv.reshape(b, t, -1, cfg.head_dim), k, v, cache, layer, tree_mask, prefill,
+                                        attn_impl, rope=(cos, sin, cfg.rope.interleaved))
+        else:
+            o, cache = cached_attention(q, k, v, cache, layer, tree_mask, prefill, attn_impl)
         with jax.named_scope("o_proj"):
             return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 

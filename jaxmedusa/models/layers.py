@@ -40,12 +40,14 @@ class RMSNorm(nnx.Module):
         return add_rms_norm(x, a, self.weight[...], eps=self.eps, scale_in_float32=self.scale_in_float32)
 
 
-def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, prefill: bool, attn_impl):
+def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, prefill: bool, attn_impl, rope=None):
     """Writes k/v [B, T, KVH, D] into the cache at [lengths, lengths + T) and attends q [B, T, H, D] over it.
 
     cache=None: causal attention over these T tokens alone (training). prefill=True: the cache is empty
     (lengths 0) and tree_mask causal, so K/V go in at slot 0 and flash attention runs on the fresh K/V
-    without reading the cache. Returns (o [B, T, H, D], cache).
+    without reading the cache. rope=(cos, sin, interleaved) (decode and verify, where
+    kernels.q_rope_in_kernel): q is the fused q/k/v output [B, T, H + 2 KVH, D], not rotated; the kernel reads
+    its query heads and rotates them. Returns (o [B, T, H, D], cache).
     """
     if cache is None:
         with jax.named_scope("attention"):
@@ -58,10 +60,15 @@ def cached_attention(q, k, v, cache: KVCache | None, layer: int, tree_mask, pref
     with jax.named_scope("attention"):  # per device on its heads when tensor-parallel (sharding.by_heads)
         if prefill:
             o = by_heads(lambda q, k, v: prefill_attention(q, k, v, impl=attn_impl), q, k, v, stacked_cache=False)
-        else:
+        elif rope is None:
             o = by_heads(lambda q, ck, cv, lengths, mask: attention(q, ck, cv, lengths, mask, impl=attn_impl,
                                                                    layer=layer),
                          q, ck, cv, cache.lengths, tree_mask, stacked_cache=True)
+        else:  # this device's part of the fused product is its q heads, then its k and v heads
+            o = by_heads(lambda q, ck, cv, lengths, mask, cos, sin: attention(
+                q, ck, cv, lengths, mask, impl=attn_impl, layer=layer, num_heads=q.shape[2] - 2 * ck.shape[-2],
+                cos=cos, sin=sin, rope_interleaved=rope[2]), q, ck, cv, cache.lengths, tree_mask, rope[0], rope[1],
+                stacked_cache=True)
     return o, cache._replace(k=ck, v=cv)
 
 
