@@ -12,7 +12,8 @@ over --calls calls after a warm-up (compiles excluded). The parts are timed alon
 bench/results/call-overhead-DATE-DEVICE.json.
 
 --parts times one generate() call's parts apart, in the order generate() runs them (request checks and host
-values, the prefill, the random key, the compile-cache key, the on-device loop, the copy back), vanilla and
+values, the prefill, the loop's arguments with its random key, the compile-cache key, the on-device loop, the
+copy back; the loop's arguments through generate()'s own _loop_call), vanilla and
 Medusa (the default tree), at --tokens and 4x --tokens new tokens: the two loop calls' difference gives the
 loop's cost a step and what the loop call costs beyond its steps. With --shapes llama2-7b the model has real
 widths (random bf16 weights), for the GPU, where every small host-to-device value is a round trip.
@@ -71,8 +72,8 @@ def call_parts(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: int
     import importlib
 
     g = importlib.import_module("jaxmedusa.generate")  # the module; jaxmedusa.generate is the function
-    parts: dict[str, list[float]] = {k: [] for k in ("generate", "request", "prefill", "key", "cache_key", "loop",
-                                                     "copy_back")}
+    parts: dict[str, list[float]] = {k: [] for k in ("generate", "request", "prefill", "loop_args", "cache_key",
+                                                     "loop", "copy_back")}
     kw = dict(max_new_tokens=new, medusa=medusa, eos_token_id=[])
     jaxmedusa.generate(model, prompt, **kw)
     steps = 0
@@ -85,18 +86,8 @@ def call_parts(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: int
         with g.traced_calls(model):
             cache, hidden, _ = g._run_prefill(run, None)
         t3 = time.perf_counter()
-        key = getattr(g, "seed_key", jax.random.key)(0)  # before seed_key existed: a key made every call
+        fn, args, static, options = g._loop_call(model, run, cache, hidden, 0, new, 0.0, 1.0, None)
         t4 = time.perf_counter()
-        if medusa:
-            heads_graphdef, heads_state = model.split_heads()
-            args = (run.state, heads_state, cache, hidden, key, run.eos, run.params)
-            static = dict(graphdef=run.graphdef, heads_graphdef=heads_graphdef, tree=run.tree, max_new_tokens=new,
-                          acceptance=run.acceptance, use_top_p=False, attn_impl=None)
-            fn, options = g.medusa_loop, g.verify_compiler_options(model, run)
-        else:
-            args = (run.state, cache, hidden, key, run.eos, run.params.temperature, run.params.top_p)
-            static = dict(graphdef=run.graphdef, max_new_tokens=new, greedy=True, use_top_p=False, attn_impl=None)
-            fn, options = g.decode_loop, None
         hash(cache_key(fn, args, static, options))
         t5 = time.perf_counter()
         with g.traced_calls(model):
@@ -104,7 +95,7 @@ def call_parts(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: int
         t6 = time.perf_counter()
         jax.device_get(out[:3])
         t7 = time.perf_counter()
-        for name, (a, b) in dict(generate=(t0, t1), request=(t1, t2), prefill=(t2, t3), key=(t3, t4),
+        for name, (a, b) in dict(generate=(t0, t1), request=(t1, t2), prefill=(t2, t3), loop_args=(t3, t4),
                                  cache_key=(t4, t5), loop=(t5, t6), copy_back=(t6, t7)).items():
             parts[name].append(b - a)
     med = {k: 1e3 * statistics.median(v) for k, v in parts.items()}
@@ -173,7 +164,7 @@ def main_parts(args, model: jaxmedusa.Model, prompt: list[int]) -> None:
     rows = []
     print(f"generate() part by part, ms (medians of {args.calls}); {args.shapes} shapes, prompt {args.prompt}; "
           f"device {device_name()}; jax {jax.__version__}")
-    names = ("steps", "generate", "request", "prefill", "key", "cache_key", "loop", "copy_back")
+    names = ("steps", "generate", "request", "prefill", "loop_args", "cache_key", "loop", "copy_back")
     print(f"{'call':<22}" + "".join(f"{n:>10}" for n in names))
     for medusa in (False, True):
         timed = [call_parts(model, prompt, medusa, new, args.calls) for new in (args.tokens, 4 * args.tokens)]

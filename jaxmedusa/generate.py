@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import time
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -199,29 +198,16 @@ def verify_compiler_options(model: Model, run: "_Run") -> dict | None:
 
 def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, temperature: float, top_p: float,
               attn_impl) -> GenerationResult:
-    graphdef, state = run.graphdef, run.state
     t0 = time.perf_counter()
     cache, hidden, c1 = _run_prefill(run, attn_impl)
     t1 = time.perf_counter()
-    medusa_stats = None
-    if run.use_medusa:
-        heads_graphdef, heads_state = model.split_heads()
-        args = (state, heads_state, cache, hidden, seed_key(seed), run.eos, run.params)
-        static = dict(graphdef=graphdef, heads_graphdef=heads_graphdef, tree=run.tree,
-                      max_new_tokens=max_new_tokens, acceptance=run.acceptance, use_top_p=top_p < 1.0,
-                      attn_impl=attn_impl)
-        with clear_oom("the Medusa decode loop"):
-            (out, counts, medusa_stats, _), c2 = call_compiled(medusa_loop, args, static,
-                                                               verify_compiler_options(model, run))
-            out, counts, medusa_stats = jax.device_get((out, counts, medusa_stats))
-        steps = medusa_stats.steps
-    else:
-        args = (state, cache, hidden, seed_key(seed), run.eos, run.params.temperature, run.params.top_p)
-        static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
-                      use_top_p=top_p < 1.0, attn_impl=attn_impl)
-        with clear_oom("the decode loop"):
-            (out, counts, steps, _), c2 = call_compiled(decode_loop, args, static)
-            out, counts, steps = jax.device_get((out, counts, steps))
+    fn, args, static, options = _loop_call(model, run, cache, hidden, seed, max_new_tokens, temperature, top_p,
+                                           attn_impl)
+    with clear_oom("the Medusa decode loop" if run.use_medusa else "the decode loop"):
+        (out, counts, tally, _), c2 = call_compiled(fn, args, static, options)
+        out, counts, tally = jax.device_get((out, counts, tally))  # tally: LoopStats (Medusa) or the step count
+    medusa_stats = tally if run.use_medusa else None
+    steps = tally.steps if run.use_medusa else tally
     t2 = time.perf_counter()
     compile_seconds = c1 + c2
     run_seconds = t2 - t0 - compile_seconds
@@ -252,6 +238,23 @@ def _generate(model: Model, run: "_Run", seed: int, max_new_tokens: int, tempera
     return GenerationResult(tokens=new, texts=texts, stats=stats)
 
 
+def _loop_call(model: Model, run: "_Run", cache: KVCache, hidden: jax.Array, seed: int, max_new_tokens: int,
+               temperature: float, top_p: float, attn_impl) -> tuple[Any, tuple, dict, dict | None]:
+    """The on-device loop a request runs after its prefill: (jitted loop, arguments, static arguments, XLA options)
+    for call_compiled: medusa_loop with the heads, else decode_loop."""
+    if run.use_medusa:
+        heads_graphdef, heads_state = model.split_heads()
+        args = (run.state, heads_state, cache, hidden, seed_key(seed), run.eos, run.params)
+        static = dict(graphdef=run.graphdef, heads_graphdef=heads_graphdef, tree=run.tree,
+                      max_new_tokens=max_new_tokens, acceptance=run.acceptance, use_top_p=top_p < 1.0,
+                      attn_impl=attn_impl)
+        return medusa_loop, args, static, verify_compiler_options(model, run)
+    args = (run.state, cache, hidden, seed_key(seed), run.eos, run.params.temperature, run.params.top_p)
+    static = dict(graphdef=run.graphdef, max_new_tokens=max_new_tokens, greedy=temperature == 0.0,
+                  use_top_p=top_p < 1.0, attn_impl=attn_impl)
+    return decode_loop, args, static, None
+
+
 @dataclasses.dataclass
 class _Run:
     """A validated generation request: padded prompts, tree, EOS ids, acceptance parameters."""
@@ -271,7 +274,7 @@ class _Run:
     dtype: Any
 
 
-@functools.lru_cache(maxsize=64)
+@lru_cache(maxsize=64)
 def seed_key(seed: int) -> jax.Array:
     """jax.random.key(seed), made once per seed: making it runs a kernel and waits for it (~1 ms a call on the
     H200's host, measured inside generate()). Keys are immutable and never donated, so calls can share one."""

@@ -101,13 +101,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, tree
             return reference.decode_attention_reference(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale)[:, None]
         return reference.tree_attention_reference(q, k, v, lengths, tree_mask, sm_scale=sm_scale)
     interpret = chosen == "interpret"
-    rope = dict(num_heads=num_heads, rope_interleaved=rope_interleaved)
+    q_layout = dict(num_heads=num_heads, rope_interleaved=rope_interleaved)
     if t == 1:
         return attention_pallas.decode_attention(q[:, 0], k, v, lengths + 1, sm_scale=sm_scale, interpret=interpret,
                                                  layer=layer, cos=None if cos is None else cos[:, 0],
-                                                 sin=None if sin is None else sin[:, 0], **rope)[:, None]
+                                                 sin=None if sin is None else sin[:, 0], **q_layout)[:, None]
     return attention_pallas.tree_attention(q, k, v, lengths, tree_mask, sm_scale=sm_scale, interpret=interpret,
-                                           layer=layer, cos=cos, sin=sin, **rope)
+                                           layer=layer, cos=cos, sin=sin, **q_layout)
 
 
 def cudnn_supports(dtype, head_dim: int) -> bool:
