@@ -15,7 +15,8 @@ bench/results/call-overhead-DATE-DEVICE.json.
 values, the prefill, the loop's arguments with its random key, the compile-cache key, the on-device loop, the
 copy back; the loop's arguments through generate()'s own _loop_call), vanilla and
 Medusa (the default tree), at --tokens and 4x --tokens new tokens: the two loop calls' difference gives the
-loop's cost a step and what the loop call costs beyond its steps. With --shapes llama2-7b the model has real
+loop's cost a step and what the loop call costs beyond its steps; two stream() calls the same way give a streamed
+step's cost, to compare with the loop's. With --shapes llama2-7b the model has real
 widths (random bf16 weights), for the GPU, where every small host-to-device value is a round trip.
 """
 
@@ -103,6 +104,15 @@ def call_parts(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: int
     return dict(steps=steps, **med)
 
 
+def stream_call(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: int, calls: int) -> dict:
+    """Median ms of a whole stream() call (every chunk taken) and its steps (chunks)."""
+    def drain() -> int:
+        return sum(1 for _ in jaxmedusa.stream(model, prompt, max_new_tokens=new, medusa=medusa, eos_token_id=[]))
+
+    steps = drain()
+    return dict(steps=steps, ms=median_ms(drain, calls))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -176,7 +186,12 @@ def main_parts(args, model: jaxmedusa.Model, prompt: list[int]) -> None:
             print(f"{what:<22}" + "".join(f"{r[n]:>10.2f}" if n != "steps" else f"{r[n]:>10d}" for n in names))
         fixed = short["loop"] + short["copy_back"] - slope * short["steps"]
         print(f"{'':<22}loop {slope:.3f} ms a step + {fixed:.2f} ms a call (with the copy back)")
-        rows.append(dict(medusa=medusa, short=short, long=long, loop_step_ms=slope, loop_call_fixed_ms=fixed))
+        streamed = [stream_call(model, prompt, medusa, new, args.calls) for new in (args.tokens, 4 * args.tokens)]
+        stream_step = (streamed[1]["ms"] - streamed[0]["ms"]) / max(streamed[1]["steps"] - streamed[0]["steps"], 1)
+        print(f"{'':<22}stream() {stream_step:.3f} ms a step (" + ", ".join(
+            f"{s['steps']} steps {s['ms']:.2f} ms" for s in streamed) + ")")
+        rows.append(dict(medusa=medusa, short=short, long=long, loop_step_ms=slope, loop_call_fixed_ms=fixed,
+                         stream=streamed, stream_step_ms=stream_step))
     date = datetime.date.today().isoformat()
     result = dict(date=date, device=device_name(), jax=jax.__version__, config=vars(args), parts=rows)
     write_result(result, "call-overhead-parts" + (f"-{args.label}" if args.label else ""), args.out)

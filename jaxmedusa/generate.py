@@ -21,7 +21,7 @@ from .compile_cache import call_compiled, merge
 from .kernels.dispatch import loop_compiler_options
 from .loading import Model
 from .memory import cache_bucket, check_request, clear_oom
-from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step_with
+from .medusa import ACCEPTANCES, AcceptanceParams, LoopStats, medusa_loop, medusa_start, medusa_stream_step
 from . import sharding
 from .sampling import choose_tokens
 from .tree import DEFAULT_TOP_K, DEFAULT_TREE, TreeBuffers, build_tree, resolve_tree
@@ -337,14 +337,15 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
     """Like generate(), but yields after every step the new token ids of each sequence (possibly empty).
 
     A thin host loop over the same jitted step generate() runs inside its on-device loop, so the
-    concatenated chunks equal generate()'s tokens for the same arguments.
+    concatenated chunks equal generate()'s tokens for the same arguments. Each step is queued before the
+    previous step's tokens are fetched and yielded, so the device never waits for the host's copy, dispatch
+    or consumer; when every sequence stops at an EOS, the one step queued past it is discarded.
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)
     with traced_calls(model):  # around each traced call, never across a yield
         cache, hidden, _ = _run_prefill(run, attn_impl)
     b = len(run.ids)
-    done = np.zeros((b,), bool)
     key = seed_key(seed)
     use_top_p = top_p < 1.0
     if run.use_medusa:
@@ -352,29 +353,46 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
         static = dict(graphdef=run.graphdef, heads_graphdef=heads_graphdef, tree=run.tree, acceptance=run.acceptance,
                       use_top_p=use_top_p)
         with traced_calls(model):
-            s = medusa_start(run.state, heads_state, cache, hidden, key, run.params, **static)
-        n = np.zeros((b,), np.int32)
-        step_fn = medusa_stream_step_with(tuple(sorted((verify_compiler_options(model, run) or {}).items())))
-        done_h = done
-        while not np.all(done_h):  # tested on the host copy: jnp.all would launch a kernel and wait for it
+            s, _ = call_compiled(medusa_start, (run.state, heads_state, cache, hidden, key, run.params), static)
+        step_static = dict(static, max_new_tokens=max_new_tokens, attn_impl=attn_impl)
+        options = verify_compiler_options(model, run)
+
+        def medusa_step(carry):
             with traced_calls(model):
-                s, tokens, take, n, done = step_fn(run.state, heads_state, s, n, done, run.eos, run.params,
-                                                   max_new_tokens=max_new_tokens, attn_impl=attn_impl, **static)
-            tokens, take, done_h = jax.device_get((tokens, take, done))
+                (s, tokens, take, n, done), _ = call_compiled(
+                    medusa_stream_step, (run.state, heads_state, *carry, run.eos, run.params), step_static, options)
+            return (s, n, done), (tokens, take, done)
+
+        # on the device, like the steps' own outputs: a host array would key a second compilation
+        carry, pending = medusa_step((s, *jax.device_put((np.zeros((b,), np.int32), np.zeros((b,), bool)))))
+        while True:
+            carry, queued = medusa_step(carry)  # the next step runs while this one's tokens come back
+            tokens, take, done_h = jax.device_get(pending)
             yield [tokens[i, :take[i]].tolist() for i in range(b)]
+            if np.all(done_h):  # tested on the host copy: jnp.all would launch a kernel and wait for it
+                return
+            pending = queued
     else:
-        was_done = done
-        for _ in range(max_new_tokens):
+        step_static = dict(graphdef=run.graphdef, greedy=temperature == 0.0, use_top_p=use_top_p, attn_impl=attn_impl)
+
+        def vanilla_step_call(carry):
+            cache, hidden, key, done = carry
             with traced_calls(model):
-                cache, hidden, key, tok, done = vanilla_stream_step(
-                    run.state, cache, hidden, key, done, run.eos, run.params.temperature, run.params.top_p,
-                    graphdef=run.graphdef, greedy=temperature == 0.0,
-                    use_top_p=use_top_p, attn_impl=attn_impl)
-            tok, done_h = jax.device_get((tok, done))
-            yield [[] if was_done[i] else [int(tok[i])] for i in range(b)]
+                (cache, hidden, key, tok, done), _ = call_compiled(
+                    vanilla_stream_step, (run.state, cache, hidden, key, done, run.eos, run.params.temperature,
+                                          run.params.top_p), step_static)
+            return (cache, hidden, key, done), (tok, done)
+
+        was_done = np.zeros((b,), bool)
+        carry, pending = vanilla_step_call((cache, hidden, key, jax.device_put(was_done)))
+        for i in range(max_new_tokens):
+            if i + 1 < max_new_tokens:
+                carry, queued = vanilla_step_call(carry)  # as above: queued before this step's token is read
+            tok, done_h = jax.device_get(pending)
+            yield [[] if was_done[j] else [int(tok[j])] for j in range(b)]
             if np.all(done_h):
-                break
-            was_done = done_h
+                return
+            was_done, pending = done_h, queued
 
 
 def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:

@@ -269,24 +269,18 @@ def medusa_start(state, heads_state, cache: KVCache, hidden, key, params: Accept
                          key, params, acceptance=acceptance, use_top_p=use_top_p)
 
 
-def _medusa_stream_step(state, heads_state, s: StepState, n, done, eos_ids, params: AcceptanceParams, *, graphdef,
-                        heads_graphdef, tree: TreeBuffers, max_new_tokens: int, acceptance: str, use_top_p: bool,
-                        attn_impl=None):
-    """One Medusa step for stream(): (state, tokens [B, D + 1], take [B], n [B], done [B])."""
+@partial(jax.jit, static_argnames=_STEP_STATIC + ("max_new_tokens",), donate_argnames=("s",))
+def medusa_stream_step(state, heads_state, s: StepState, n, done, eos_ids, params: AcceptanceParams, *, graphdef,
+                       heads_graphdef, tree: TreeBuffers, max_new_tokens: int, acceptance: str, use_top_p: bool,
+                       attn_impl=None):
+    """One Medusa step for stream(): (state, tokens [B, D + 1], take [B], n [B], done [B]). stream() compiles it
+    through compile_cache.call_compiled with the verify loop's XLA options."""
     lm = merge(graphdef, state)
     heads = merge(heads_graphdef, heads_state)
     s, emitted, _ = medusa_step(lm, heads, tree, s, params, ~done, acceptance=acceptance, use_top_p=use_top_p,
                                 attn_impl=attn_impl)
     take, n, done = commit_emitted(emitted, ~done, n, done, eos_ids, max_new_tokens)
     return s, emitted.tokens, take, n, done
-
-
-@cache
-def medusa_stream_step_with(compiler_options: tuple = ()) -> Callable:
-    """The jitted stream step compiled with these XLA options ((name, value) pairs, as
-    kernels.dispatch.loop_compiler_options gives them): jit takes its options when it wraps the function."""
-    return jax.jit(_medusa_stream_step, static_argnames=_STEP_STATIC + ("max_new_tokens",), donate_argnames=("s",),
-                   compiler_options=dict(compiler_options) or None)
 
 
 class LoopStats(NamedTuple):

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import jaxmedusa
+from jaxmedusa import compile_cache
 from jaxmedusa.compile_cache import Hashed, cache_key, call_compiled, merge
 from jaxmedusa.generate import vanilla_stream_step
 
@@ -99,22 +100,20 @@ def test_generate_and_stream_reuse_compilations_across_equal_models():
     assert first.stats["compile_seconds"] > 0 and second.stats["compile_seconds"] == 0.0
     assert first.tokens == second.tokens
     chunks = list(jaxmedusa.stream(a, [3, 4, 5], max_new_tokens=3, eos_token_id=[]))
-    size = vanilla_stream_step._cache_size()
+    steps = [key for key in compile_cache._CACHE if key[0] is vanilla_stream_step]
     again = list(jaxmedusa.stream(b, [3, 4, 5], max_new_tokens=3, eos_token_id=[]))
-    assert vanilla_stream_step._cache_size() == size
+    assert len(steps) == 1 and [key for key in compile_cache._CACHE if key[0] is vanilla_stream_step] == steps
     assert sum(chunks, []) == sum(again, []) and [t for c in chunks for t in c[0]] == first.tokens[0]
 
 
 def test_cache_key_describes_a_model_state_once_and_forgets_it_with_the_state():
     import gc
 
-    from jaxmedusa import compile_cache
-
     fn = jax.jit(lambda s, x: x)
     x = jnp.ones((2,), jnp.float32)
     _, state = nnx.split(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
     key = cache_key(fn, (state, x), {})
-    assert compile_cache._STATE_SIGNATURES[id(state)][0]() is state
+    assert compile_cache._STATES[id(state)][0]() is state
     assert cache_key(fn, (state, x), {}) == key
     _, wider = nnx.split(nnx.Linear(4, 8, rngs=nnx.Rngs(0)))
     assert cache_key(fn, (wider, x), {}) != key  # another state: described on its own, no stale hit
@@ -123,7 +122,33 @@ def test_cache_key_describes_a_model_state_once_and_forgets_it_with_the_state():
     gone = id(state)
     del state
     gc.collect()
-    assert gone not in compile_cache._STATE_SIGNATURES
+    assert gone not in compile_cache._STATES
+
+
+def test_call_compiled_passes_leaves_reads_state_values_afresh_and_keeps_donation():
+    """call_compiled runs a compilation over the arguments' leaves (a model state's read from its Variables, not
+    flattened again): a weight assigned in place is seen by the next call, and donated arguments are consumed."""
+    layer = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    _, state = nnx.split(layer)
+    rng = np.random.default_rng(0)
+
+    @jax.jit
+    def apply(s, x, scale):
+        return x @ s["kernel"][...] * scale["by"] + s["bias"][...]
+
+    fn = jax.jit(lambda s, acc, x, scale: (apply(s, x, scale), acc + 1), donate_argnums=1)
+    x = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)
+    scale = {"by": jnp.float32(2.0)}
+    acc = jnp.zeros((3,), jnp.float32)
+    (y, acc2), first = call_compiled(fn, (state, acc, x, scale), {})
+    np.testing.assert_allclose(y, apply(state, x, scale), rtol=1e-6)
+    assert first > 0 and acc.is_deleted() and not x.is_deleted()  # the accumulator was donated, x was not
+    new_kernel = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
+    layer.kernel[...] = new_kernel  # in place: the same State object, the same Variable, a new array
+    (y2, acc3), again = call_compiled(fn, (state, acc2, x, scale), {})
+    assert again == 0.0
+    np.testing.assert_allclose(y2, 2 * x @ new_kernel + layer.bias[...], rtol=1e-6)
+    np.testing.assert_array_equal(acc3, np.full(3, 2.0))
 
 
 def test_seed_key_is_jax_random_key_made_once_per_seed():
