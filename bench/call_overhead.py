@@ -4,6 +4,8 @@
     python bench/call_overhead.py --layers 80          # Llama-2-70B's structure
     python bench/call_overhead.py --parts --shapes llama2-7b --prompt 1024 --tokens 32
                                                        # a generate() call part by part, 7B shapes (GPU)
+    python bench/call_overhead.py --profile --shapes llama2-7b --prompt 1024 --tokens 32
+                                                       # one loop call's host events under the profiler
 
 The model has a real model's number of layers (so its GraphDef and state have as many nodes and leaves) but a
 tiny width, so device time is small and what is timed is mostly Python: building the request, the compile
@@ -16,14 +18,19 @@ values, the prefill, the loop's arguments with its random key, the compile-cache
 copy back; the loop's arguments through generate()'s own _loop_call), vanilla and
 Medusa (the default tree), at --tokens and 4x --tokens new tokens: the two loop calls' difference gives the
 loop's cost a step and what the loop call costs beyond its steps; two stream() calls the same way give a streamed
-step's cost, to compare with the loop's. With --shapes llama2-7b the model has real
-widths (random bf16 weights), for the GPU, where every small host-to-device value is a round trip.
+step's cost, to compare with the loop's. With --shapes llama2-7b the model has real widths (random bf16 weights), for
+the GPU, where every small host-to-device value is a round trip. --profile also records one loop call of --tokens
+new tokens (vanilla and Medusa, after two untraced ones) with the JAX profiler, command buffers kept on
+(xla_enable_command_buffers_during_profiling, set in XLA_FLAGS before jax starts), and prints the host's events
+summed by name: where the call's time goes on the host, e.g. `command_buffer::update`, the loop body's CUDA graph
+recorded again because its buffers moved. The profiler slows every launch, so its times are for finding, not timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 
@@ -125,13 +132,17 @@ def main() -> None:
     ap.add_argument("--parts", action="store_true", help="time a generate() call part by part (see above)")
     ap.add_argument("--shapes", choices=["tiny", "llama2-7b", "llama2-13b"], default="tiny",
                     help="tiny: --layers x --hidden in float32; else that model's shapes, random bf16 weights")
+    ap.add_argument("--profile", action="store_true", help="profile one loop call (see above), after --parts if given")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    if args.profile:  # read when jax starts its backend, which building the model does
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_enable_command_buffers_during_profiling=true").strip()
     model = build(args.layers, args.hidden, args.medusa_heads, args.shapes,
                   max(256, args.prompt + 4 * args.tokens + 128))
     prompt = list(range(3, 3 + args.prompt))
-    if args.parts:
+    if args.parts or args.profile:
         return main_parts(args, model, prompt)
     graphdef, state = model.split()
     heads_graphdef, _ = model.split_heads()
@@ -169,14 +180,57 @@ def main() -> None:
     write_result(result, "call-overhead" + (f"-{args.label}" if args.label else ""), args.out)
 
 
+def profile_loop(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: int, top: int = 25) -> dict:
+    """The host's events of one generate() loop call under the JAX profiler (the third call; two warm it up),
+    summed by name: [(name, ms, count)] of the `top` costliest (the loop's per-iteration spans left out), and the
+    call's wall ms."""
+    import collections
+    import glob
+    import importlib
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    g = importlib.import_module("jaxmedusa.generate")
+    trace_dir = tempfile.mkdtemp(prefix="call-overhead-trace-")
+    run = g._prepare(model, prompt, new, 0.0, 1.0, 0, [], medusa, None, "greedy", g.DEFAULT_TOP_K, 0.09, 0.3)
+    for i in range(3):
+        with g.traced_calls(model):
+            cache, hidden, _ = g._run_prefill(run, None)
+        fn, args, static, options = g._loop_call(model, run, cache, hidden, 0, new, 0.0, 1.0, None)
+        jax.block_until_ready(args)
+        if i == 2:
+            jax.profiler.start_trace(trace_dir)
+        t0 = time.perf_counter()
+        with g.traced_calls(model):
+            jax.block_until_ready(call_compiled(fn, args, static, options)[0])
+        wall = time.perf_counter() - t0
+        if i == 2:
+            jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    host = collections.defaultdict(lambda: [0.0, 0])
+    for plane in ProfileData.from_file(path).planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                if not ev.name.startswith(("$", "[iter=")):  # Python frames (the Python tracer's) left out
+                    host[ev.name][0] += ev.duration_ns / 1e6
+                    host[ev.name][1] += 1
+    events = sorted(((k, v[0], v[1]) for k, v in host.items()), key=lambda e: -e[1])[:top]
+    return dict(medusa=medusa, new_tokens=new, wall_ms=1e3 * wall, host_events=events)
+
+
 def main_parts(args, model: jaxmedusa.Model, prompt: list[int]) -> None:
-    """--parts: the table of a generate() call's parts, vanilla and Medusa, at --tokens and 4x --tokens."""
+    """--parts: the table of a generate() call's parts, vanilla and Medusa, at --tokens and 4x --tokens; --profile:
+    one loop call of each profiled."""
     rows = []
-    print(f"generate() part by part, ms (medians of {args.calls}); {args.shapes} shapes, prompt {args.prompt}; "
-          f"device {device_name()}; jax {jax.__version__}")
+    print(f"generate() {'part by part' if args.parts else 'loop calls profiled'}, ms (medians of {args.calls}); "
+          f"{args.shapes} shapes, prompt {args.prompt}; device {device_name()}; jax {jax.__version__}")
     names = ("steps", "generate", "request", "prefill", "loop_args", "cache_key", "loop", "copy_back")
-    print(f"{'call':<22}" + "".join(f"{n:>10}" for n in names))
-    for medusa in (False, True):
+    if args.parts:
+        print(f"{'call':<22}" + "".join(f"{n:>10}" for n in names))
+    for medusa in (False, True) if args.parts else ():
         timed = [call_parts(model, prompt, medusa, new, args.calls) for new in (args.tokens, 4 * args.tokens)]
         short, long = timed
         slope = (long["loop"] + long["copy_back"] - short["loop"] - short["copy_back"]) / max(
@@ -192,8 +246,17 @@ def main_parts(args, model: jaxmedusa.Model, prompt: list[int]) -> None:
             f"{s['steps']} steps {s['ms']:.2f} ms" for s in streamed) + ")")
         rows.append(dict(medusa=medusa, short=short, long=long, loop_step_ms=slope, loop_call_fixed_ms=fixed,
                          stream=streamed, stream_step_ms=stream_step))
+    profiles = []
+    for medusa in (False, True) if args.profile else ():
+        p = profile_loop(model, prompt, medusa, args.tokens)
+        profiles.append(p)
+        print(f"{'medusa' if medusa else 'vanilla'} loop call under the profiler, {p['wall_ms']:.2f} ms; host events, "
+              f"ms (count):")
+        for name, ms, count in p["host_events"]:
+            print(f"  {name[:70]:<70} {ms:>9.3f} ({count})")
     date = datetime.date.today().isoformat()
-    result = dict(date=date, device=device_name(), jax=jax.__version__, config=vars(args), parts=rows)
+    result = dict(date=date, device=device_name(), jax=jax.__version__, config=vars(args), parts=rows,
+                  profiles=profiles)
     write_result(result, "call-overhead-parts" + (f"-{args.label}" if args.label else ""), args.out)
 
 

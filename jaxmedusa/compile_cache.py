@@ -112,6 +112,7 @@ def _compile(fn: Callable, args: tuple, static: dict[str, Any], compiler_options
     def on_leaves(*leaves):
         return fn(*jax.tree_util.tree_unflatten(treedef, leaves), **static)
 
+    on_leaves.__name__ = getattr(fn, "__name__", "on_leaves")  # profiles and HLO dumps name fn's module
     return jax.jit(on_leaves, donate_argnums=donated).lower(*_argument_leaves(args)).compile(
         compiler_options=compiler_options)
 
