@@ -386,6 +386,7 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
         was_done = np.zeros((b,), bool)
         carry, pending = vanilla_step_call((cache, hidden, key, jax.device_put(was_done)))
         for i in range(max_new_tokens):
+            queued = None  # nothing past the last step
             if i + 1 < max_new_tokens:
                 carry, queued = vanilla_step_call(carry)  # as above: queued before this step's token is read
             tok, done_h = jax.device_get(pending)

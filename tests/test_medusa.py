@@ -283,6 +283,22 @@ def test_stream_chunks_equal_generate(model, kw):
     assert len(chunks) >= 1 and all(len(c) == 2 for c in chunks)
 
 
+@pytest.mark.parametrize("medusa", [False, True])
+def test_stream_of_one_and_two_tokens_and_left_early(model, medusa):
+    """stream() queues each step before reading the last one: a budget of one step queues none past it, and a
+    consumer that stops early leaves nothing behind that breaks the next call."""
+    prompts = prompts_of(np.random.default_rng(9), (5, 11))
+    for n in (1, 2):
+        want = jaxmedusa.generate(model, prompts, max_new_tokens=n, eos_token_id=[], medusa=medusa).tokens
+        chunks = list(jaxmedusa.stream(model, prompts, max_new_tokens=n, eos_token_id=[], medusa=medusa))
+        assert [sum((c[i] for c in chunks), []) for i in range(2)] == want
+    it = jaxmedusa.stream(model, prompts, max_new_tokens=12, eos_token_id=[], medusa=medusa)
+    first = next(it)
+    it.close()
+    again = next(iter(jaxmedusa.stream(model, prompts, max_new_tokens=12, eos_token_id=[], medusa=medusa)))
+    assert again == first and all(len(c) >= 1 for c in first)
+
+
 def test_verify_loop_compiles_with_the_dispatchers_xla_options(model, monkeypatch):
     """generate()'s Medusa loop and stream()'s step are compiled with kernels.dispatch.loop_compiler_options
     (cuBLAS GEMMs: Triton's off); the options change the kernels, not the greedy tokens."""
