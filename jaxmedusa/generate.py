@@ -339,7 +339,8 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
     A thin host loop over the same jitted step generate() runs inside its on-device loop, so the
     concatenated chunks equal generate()'s tokens for the same arguments. Each step is queued before the
     previous step's tokens are fetched and yielded, so the device never waits for the host's copy, dispatch
-    or consumer; when every sequence stops at an EOS, the one step queued past it is discarded.
+    or consumer; the one step queued after every sequence has stopped (at an EOS, or for Medusa at its budget,
+    which the host cannot foresee) is discarded.
     """
     run = _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_id, medusa, tree,
                    acceptance, top_k, posterior_threshold, posterior_alpha)

@@ -18,8 +18,8 @@ Acceptance rules (per parent node p with child candidate x):
 
 from __future__ import annotations
 
-from functools import cache, partial
-from typing import Callable, NamedTuple
+from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
