@@ -275,6 +275,18 @@ class _Run:
 
 
 @lru_cache(maxsize=64)
+def request_values(temperature: float, top_p: float, posterior_threshold: float, posterior_alpha: float,
+                   eos: tuple[int, ...]) -> tuple[AcceptanceParams, jax.Array]:
+    """(AcceptanceParams, EOS ids) on the device, made once per set of values: in one device_put (jnp.float32(x)
+    would run a conversion on the device for each, a round trip of ~0.5 ms apiece on the H200's host), and not
+    again for the next request with the same values. Like seed_key's keys, they are never donated."""
+    return jax.device_put((
+        AcceptanceParams(np.float32(max(temperature, 1e-6)), np.float32(top_p), np.float32(posterior_threshold),
+                         np.float32(posterior_alpha)),
+        np.asarray(eos if eos else (-1,), np.int32)))
+
+
+@lru_cache(maxsize=64)
 def seed_key(seed: int) -> jax.Array:
     """jax.random.key(seed), made once per seed: making it runs a kernel and waits for it (~1 ms a call on the
     H200's host, measured inside generate()). Keys are immutable and never donated, so calls can share one."""
@@ -318,12 +330,8 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_p, seed, eos_token
     tokens, lens = pad_prompts(ids, model.max_len, max_new_tokens, tree_slots)
     need = int(lens.max()) + max_new_tokens + tree_slots
     cache_len = max(cache_bucket(need, model.max_len), tokens.shape[1])
-    # host values in one device_put: jnp.float32(x) would run a conversion on the device for each (a round trip
-    # of ~0.5 ms apiece on the H200's host)
-    params, eos_ids = jax.device_put((
-        AcceptanceParams(np.float32(max(temperature, 1e-6)), np.float32(top_p), np.float32(posterior_threshold),
-                         np.float32(posterior_alpha)),
-        np.asarray(eos if eos else (-1,), np.int32)))
+    params, eos_ids = request_values(float(temperature), float(top_p), float(posterior_threshold),
+                                     float(posterior_alpha), eos)
     graphdef, state = model.split()
     return _Run(ids=ids, tokens=tokens, lens=lens, use_medusa=use_medusa, tree=tree_buf, eos=eos_ids, params=params,
                 acceptance=acceptance if temperature > 0 else "greedy", graphdef=graphdef, state=state,
@@ -403,9 +411,15 @@ def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:
     k = model.heads.num_heads
     tree = model.tree if tree is None else tree
     if tree is None:
-        paths = [p for p in resolve_tree(DEFAULT_TREE) if len(p) <= k]
-        return build_tree(paths, num_heads=k, top_k=top_k)
+        return _default_tree(k, top_k)
     return build_tree(tree, num_heads=k, top_k=top_k)
+
+
+@lru_cache(maxsize=16)
+def _default_tree(num_heads: int, top_k: int) -> TreeBuffers:
+    """The default published tree trimmed to the heads' depth, built once per (depth, top-k)."""
+    return build_tree([p for p in resolve_tree(DEFAULT_TREE) if len(p) <= num_heads], num_heads=num_heads,
+                      top_k=top_k)
 
 
 def medusa_summary(st: LoopStats, counts: np.ndarray, tree: TreeBuffers) -> dict[str, Any]:

@@ -151,6 +151,18 @@ def test_call_compiled_passes_leaves_reads_state_values_afresh_and_keeps_donatio
     np.testing.assert_array_equal(acc3, np.full(3, 2.0))
 
 
+def test_request_values_are_made_on_the_device_once_per_set_of_values():
+    from jaxmedusa.generate import request_values
+
+    params, eos = request_values(0.0, 0.9, 0.09, 0.3, (2, 5))
+    np.testing.assert_allclose([float(x) for x in params], [1e-6, 0.9, 0.09, 0.3], rtol=1e-6)
+    assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in params)
+    assert eos.dtype == jnp.int32 and eos.tolist() == [2, 5]
+    assert request_values(0.0, 0.9, 0.09, 0.3, (2, 5))[0] is params  # the next request with these values
+    assert request_values(0.0, 0.9, 0.09, 0.3, ())[1].tolist() == [-1]  # no EOS: an id no token has
+    assert float(request_values(0.7, 0.9, 0.09, 0.3, (2, 5))[0].temperature) == pytest.approx(0.7)
+
+
 def test_seed_key_is_jax_random_key_made_once_per_seed():
     from jaxmedusa.generate import seed_key
 
