@@ -102,7 +102,7 @@ def test_generate_and_stream_reuse_compilations_across_equal_models():
     chunks = list(jaxmedusa.stream(a, [3, 4, 5], max_new_tokens=3, eos_token_id=[]))
     steps = [key for key in compile_cache._CACHE if key[0] is vanilla_stream_step]
     again = list(jaxmedusa.stream(b, [3, 4, 5], max_new_tokens=3, eos_token_id=[]))
-    assert len(steps) == 1 and [key for key in compile_cache._CACHE if key[0] is vanilla_stream_step] == steps
+    assert steps and [key for key in compile_cache._CACHE if key[0] is vanilla_stream_step] == steps  # none new
     assert sum(chunks, []) == sum(again, []) and [t for c in chunks for t in c[0]] == first.tokens[0]
 
 
