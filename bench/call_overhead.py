@@ -192,7 +192,8 @@ def profile_loop(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: i
     from jax.profiler import ProfileData
 
     g = importlib.import_module("jaxmedusa.generate")
-    trace_dir = tempfile.mkdtemp(prefix="call-overhead-trace-")
+    trace_root = tempfile.TemporaryDirectory(prefix="call-overhead-trace-")
+    trace_dir = trace_root.name
     run = g._prepare(model, prompt, new, 0.0, 1.0, 0, [], medusa, None, "greedy", g.DEFAULT_TOP_K, 0.09, 0.3)
     for i in range(3):
         with g.traced_calls(model):
@@ -217,6 +218,7 @@ def profile_loop(model: jaxmedusa.Model, prompt: list[int], medusa: bool, new: i
                 if not ev.name.startswith(("$", "[iter=")):  # Python frames (the Python tracer's) left out
                     host[ev.name][0] += ev.duration_ns / 1e6
                     host[ev.name][1] += 1
+    trace_root.cleanup()
     events = sorted(((k, v[0], v[1]) for k, v in host.items()), key=lambda e: -e[1])[:top]
     return dict(medusa=medusa, new_tokens=new, wall_ms=1e3 * wall, host_events=events)
 

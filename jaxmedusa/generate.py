@@ -373,14 +373,11 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
             return (s, n, done), (tokens, take, done)
 
         # on the device, like the steps' own outputs: a host array would key a second compilation
-        carry, pending = medusa_step((s, *jax.device_put((np.zeros((b,), np.int32), np.zeros((b,), bool)))))
-        while True:
-            carry, queued = medusa_step(carry)  # the next step runs while this one's tokens come back
-            tokens, take, done_h = jax.device_get(pending)
+        start = (s, *jax.device_put((np.zeros((b,), np.int32), np.zeros((b,), bool))))
+        for tokens, take, done_h in _queued_ahead(medusa_step, start, None):
             yield [tokens[i, :take[i]].tolist() for i in range(b)]
             if np.all(done_h):  # tested on the host copy: jnp.all would launch a kernel and wait for it
                 return
-            pending = queued
     else:
         step_static = dict(graphdef=run.graphdef, greedy=temperature == 0.0, use_top_p=use_top_p, attn_impl=attn_impl)
 
@@ -393,16 +390,27 @@ def stream(model: Model, prompts, *, max_new_tokens: int = 128, temperature: flo
             return (cache, hidden, key, done), (tok, done)
 
         was_done = np.zeros((b,), bool)
-        carry, pending = vanilla_step_call((cache, hidden, key, jax.device_put(was_done)))
-        for i in range(max_new_tokens):
-            queued = None  # nothing past the last step
-            if i + 1 < max_new_tokens:
-                carry, queued = vanilla_step_call(carry)  # as above: queued before this step's token is read
-            tok, done_h = jax.device_get(pending)
+        for tok, done_h in _queued_ahead(vanilla_step_call, (cache, hidden, key, jax.device_put(was_done)),
+                                         max_new_tokens):
             yield [[] if was_done[j] else [int(tok[j])] for j in range(b)]
             if np.all(done_h):
                 return
-            was_done, pending = done_h, queued
+            was_done = done_h
+
+
+def _queued_ahead(step, carry, steps: int | None) -> Iterator[Any]:
+    """Host copies of `step`'s outputs, step after step: `step(carry) -> (carry, outputs)` on device values only,
+    so step k+1 is queued before step k's outputs are fetched and the device never waits for the host. Runs
+    `steps` steps (None: until the caller stops); a caller that stops early drops the one step queued ahead."""
+    carry, pending = step(carry)
+    i = 1
+    while pending is not None:
+        queued = None
+        if steps is None or i < steps:
+            carry, queued = step(carry)
+            i += 1
+        yield jax.device_get(pending)
+        pending = queued
 
 
 def resolve_model_tree(model: Model, tree, top_k: int) -> TreeBuffers:
