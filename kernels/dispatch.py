@@ -251,28 +251,45 @@ def _flat_gemm_bwd(interpret, res, g):
 _flat_gemm_diff.defvjp(_flat_gemm_fwd, _flat_gemm_bwd)
 
 
-NORM_IMPLS = ("auto", "xla", "pallas", "interpret")
+NORM_IMPLS = ("auto", "xla", "pallas", "interpret", "fold")
 NORM_ENV_VAR = "JAXMEDUSA_NORM"
+# Rows (batch x new tokens) up to which "auto" folds a decoder layer's norms into the products after them on a GPU
+# (fold_norm). In the model's loop on an H200 (bench/verify_breakdown.py, 7B, prompt 1k, 2026-12-02): B = 1 T = 1
+# 528 instead of 592 kernels a step; interleaved in one call, kernels 4.31 -> 4.25 ms and the step 4.305 -> 4.235 ms
+# (means of 3 processes each); over all 16 processes of the day 4.289 -> 4.239 ms. B = 4 T = 1 (4 rows) within
+# noise (4.41-4.44 either way). Not folded beyond: a 64-node step was no faster (5.02 against 5.01-5.04 ms, 32 more
+# kernels) and B = 4 T = 64 slower (8.22 against 7.94), as cuBLAS's GEMMs leave the factor a kernel of its own.
+FOLD_MAX_ROWS = 4
 
 
-def resolve_norm_impl(hidden: int, impl: str | None = None) -> str:
-    """"xla" or "pallas"/"interpret" for a residual add + RMSNorm over rows of `hidden`: explicit argument, then
-    JAXMEDUSA_NORM, then auto: XLA, because the fused kernel, faster alone, made the model's step no faster at
-    one row and slower at 64 (kernels/norm_pallas.py has the numbers). A Pallas choice falls back to XLA for
-    row lengths the kernel does not take."""
+def resolve_norm_impl(hidden: int, impl: str | None = None, rows: int | None = None) -> str:
+    """"xla", "pallas"/"interpret" or "fold" for a decoder layer's RMSNorms over `rows` rows of `hidden`: explicit
+    argument, then JAXMEDUSA_NORM, then auto: "fold" on a GPU for at most FOLD_MAX_ROWS rows, else XLA (the fused
+    add + norm kernel, faster alone, made the model's step no faster at one row and slower at 64:
+    kernels/norm_pallas.py has the numbers). "fold": the norm's weight multiplies the next product's input and
+    its per-row factor the product's output (models.layers.RMSNorm.fold): XLA fuses both into the kernels around
+    them, so no kernel normalises. A Pallas choice falls back to XLA for row lengths the kernel does not take."""
     choice = impl or os.environ.get(NORM_ENV_VAR) or "auto"
     if choice not in NORM_IMPLS:
         raise ValueError(f"norm impl {choice!r} ({NORM_ENV_VAR} or impl=) is not one of {', '.join(NORM_IMPLS)}")
-    if choice == "auto" or (choice in ("pallas", "interpret") and not add_rms_norm_supports(hidden)):
+    if choice == "auto":
+        gpu = jax.default_backend() == "gpu"
+        return "fold" if gpu and rows is not None and rows <= FOLD_MAX_ROWS else "xla"
+    if choice in ("pallas", "interpret") and not add_rms_norm_supports(hidden):
         return "xla"
     return choice
+
+
+def fold_norm(hidden: int, rows: int, impl: str | None = None) -> bool:
+    """Whether a decoder layer of `rows` rows folds its RMSNorms into the products after them (resolve_norm_impl)."""
+    return resolve_norm_impl(hidden, impl, rows) == "fold"
 
 
 def add_rms_norm(x: jax.Array, a: jax.Array, weight: jax.Array, *, eps: float, scale_in_float32: bool = False,
                  impl: str | None = None) -> tuple[jax.Array, jax.Array]:
     """(x + a, RMSNorm(x + a)): a residual add and the norm after it, through XLA or one Pallas kernel."""
     chosen = resolve_norm_impl(x.shape[-1], impl)
-    if chosen == "xla":
+    if chosen in ("xla", "fold"):  # a folded norm is the decoder layer's to apply; alone it is the reference
         return add_rms_norm_reference(x, a, weight, eps, scale_in_float32)
     return _add_rms_norm_diff(x, a, weight, float(eps), scale_in_float32, chosen == "interpret")
 

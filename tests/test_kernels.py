@@ -496,6 +496,70 @@ def test_model_with_fused_add_norm_equals_xla_path(monkeypatch):
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
 
 
+FOLD_VARIANTS = {
+    "llama": dict(),
+    "qwen2-bias-lora": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+    "chatglm-scale-in-float32": {"architectures": ["ChatGLMModel"], "num_layers": 2, "padded_vocab_size": 97,
+                                 "hidden_size": 64, "ffn_hidden_size": 96, "kv_channels": 16,
+                                 "num_attention_heads": 4, "multi_query_attention": True, "multi_query_group_num": 2,
+                                 "add_qkv_bias": True, "seq_length": 256},
+}
+
+
+@pytest.mark.parametrize("variant", list(FOLD_VARIANTS))
+def test_folded_norms_give_the_models_logits(monkeypatch, variant):
+    """JAXMEDUSA_NORM=fold (each decoder norm's weight on the next product's input, its per-row factor on the
+    product's output, before the bias and with LoRA's update inside) gives the norms' logits, for a prompt chunk
+    and a decode step; with biases (Qwen2), LoRA, and ChatGLM's float32 scaling."""
+    from flax import nnx
+
+    from conftest import tiny_config
+    from jaxmedusa.cache import KVCache
+    from jaxmedusa.models import ModelConfig, create_lm
+    from jaxmedusa.models.lora import add_lora
+
+    d = FOLD_VARIANTS[variant]
+    cfg = ModelConfig.from_hf_dict(d if "num_layers" in d else tiny_config(**d))
+    lm = create_lm(cfg, dtype=jnp.float32, rngs=nnx.Rngs(5))
+    if "lora" in variant:
+        add_lora(lm, 4, 8.0, rngs=nnx.Rngs(6))
+    graphdef, state = nnx.split(lm)
+    keys = iter(jax.random.split(jax.random.key(7), len(jax.tree_util.tree_leaves(state))))
+    lm = nnx.merge(graphdef, jax.tree_util.tree_map(  # every weight random: norms, biases and LoRA's B too
+        lambda x: jax.random.normal(next(keys), x.shape, x.dtype) * (0.2 if x.ndim == 2 else 0.1)
+        + (x if x.ndim == 1 else 0), state))
+    ids = jnp.asarray(np.random.default_rng().integers(0, 97, size=(2, 8)), jnp.int32)
+    outs = {}
+    for impl in ("xla", "fold"):
+        monkeypatch.setenv("JAXMEDUSA_NORM", impl)
+        cache = KVCache.create(lm.config, 2, 16)
+        h, cache = lm(ids[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache, jnp.tril(jnp.ones((7, 7), bool)))
+        h1, _ = lm(ids[:, 7:], jnp.full((2, 1), 7), cache, jnp.ones((1, 1), bool))
+        outs[impl] = [np.asarray(lm.logits(x)) for x in (h, h1)]
+    for fold, ref in zip(outs["fold"], outs["xla"]):
+        assert np.abs(ref).max() > 0.1  # logits of random weights, not a constant
+        np.testing.assert_allclose(fold, ref, atol=2e-5, rtol=0)
+
+
+def test_norms_fold_for_few_rows_on_a_gpu_only(monkeypatch):
+    from jaxmedusa.kernels import dispatch, fold_norm
+
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "cpu")
+    assert not fold_norm(4096, 1)  # off a GPU auto never folds
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    assert [fold_norm(4096, m) for m in (1, dispatch.FOLD_MAX_ROWS, dispatch.FOLD_MAX_ROWS + 1, 64)] == \
+        [True, True, False, False]
+    assert dispatch.resolve_norm_impl(4096) == "xla"  # rows unknown: the add + norm of old
+    monkeypatch.setenv("JAXMEDUSA_NORM", "xla")
+    assert not fold_norm(4096, 1)
+    monkeypatch.setenv("JAXMEDUSA_NORM", "fold")
+    assert fold_norm(4096, 256) and dispatch.resolve_norm_impl(5120, rows=1) == "fold"
+    x, a = (jnp.asarray(np.random.default_rng().standard_normal((2, 64)), jnp.float32) for _ in range(2))
+    w = jnp.full((64,), 1.5, jnp.float32)  # add_rms_norm alone under "fold": the reference
+    for got, want in zip(dispatch.add_rms_norm(x, a, w, eps=1e-6), dispatch.add_rms_norm_reference(x, a, w, 1e-6)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("t", [7, 8])
 def test_training_attention_pads_odd_lengths_for_cudnn_without_changing_rows(monkeypatch, t):
     """The cuDNN branch (taken on a GPU; here cuDNN is stood in for by XLA's attention, which it is checked

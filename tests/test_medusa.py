@@ -317,6 +317,31 @@ def test_verify_loop_compiles_with_the_dispatchers_xla_options(model, monkeypatc
     assert any(key[0] is medusa_stream_step and key[-1] == options for key in compile_cache._CACHE)
 
 
+def test_greedy_medusa_equals_vanilla_with_norms_folded_in_few_row_steps(monkeypatch):
+    """As on a GPU (kernels.fold_norm): steps of at most FOLD_MAX_ROWS rows (vanilla decode at B = 2) fold the
+    norms into the products, prefill and the verify steps of a tree do not; greedy output is unchanged."""
+    import jax
+
+    from jaxmedusa import compile_cache
+    from jaxmedusa.kernels.dispatch import FOLD_MAX_ROWS
+    from jaxmedusa.models import decoder
+
+    lm = random_lm(seed=43)
+    model = jaxmedusa.Model(lm, max_len=128, heads=random_heads(lm, 4, 1, seed=43))
+    prompts = prompts_of(np.random.default_rng(43), (5, 11))
+    want = jaxmedusa.generate(model, prompts, max_new_tokens=16, eos_token_id=[], medusa=False).tokens
+    rows = []
+    monkeypatch.setattr(decoder, "fold_norm", lambda hidden, m: rows.append(m) or m <= FOLD_MAX_ROWS)
+    monkeypatch.setattr(compile_cache, "_CACHE", {})
+    jax.clear_caches()  # jit would reuse traces made without the patch
+    try:
+        assert jaxmedusa.generate(model, prompts, max_new_tokens=16, eos_token_id=[], medusa=False).tokens == want
+        assert jaxmedusa.generate(model, prompts, max_new_tokens=16, eos_token_id=[]).tokens == want
+    finally:
+        jax.clear_caches()  # nor may later tests reuse the patched ones
+    assert 2 in rows and max(rows) > FOLD_MAX_ROWS  # folded decode steps, unfolded prefill and verify
+
+
 def test_float32_models_trace_true_float32_products(model):
     """generate() and stream() trace a float32 model's products at HIGHEST precision (no TF32 on a GPU, whose
     rounding differs between the verify and decode kernels); other dtypes keep JAX's default."""

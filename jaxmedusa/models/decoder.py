@@ -23,7 +23,7 @@ from flax import nnx
 
 from ..cache import KVCache
 from .config import ConfigError, ModelConfig, RopeConfig, eos_tuple, hf_eos, hf_rope, required, silu_act
-from ..kernels import q_rope_in_kernel
+from ..kernels import fold_norm, q_rope_in_kernel
 from .layers import RMSNorm, cached_attention, checkpointed, linear, lm_head_logits, split_columns
 from .params import ParamEntry, fused_linear_entries, linear_entries
 from .rope import apply_rope, inv_freq, rope_cos_sin
@@ -121,11 +121,12 @@ class Attention(nnx.Module):
         return (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim), \
             cfg.head_dim
 
-    def __call__(self, x, cos, sin, cache: KVCache, layer: int, tree_mask, prefill: bool, attn_impl):
+    def __call__(self, x, cos, sin, cache: KVCache, layer: int, tree_mask, prefill: bool, attn_impl, scale=None):
+        """x: the normalised hidden states, or with `scale` the input of a folded norm (RMSNorm.fold)."""
         cfg = self.cfg
         b, t, _ = x.shape
         with jax.named_scope("qkv_proj"):
-            qkv = self.qkv_proj(x)
+            qkv = self.qkv_proj(x, scale)
             q, k, v = split_columns(qkv, self.fused_parts()[0], self.shards)
             q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
             k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -165,9 +166,10 @@ class MLP(nnx.Module):
         i = self.down_proj.kernel.shape[0]
         return (i, i), 1
 
-    def __call__(self, x):
+    def __call__(self, x, scale=None):
+        """x: the normalised hidden states, or with `scale` the input of a folded norm (RMSNorm.fold)."""
         with jax.named_scope("mlp"):
-            gate, up = split_columns(self.gate_up_proj(x), self.fused_parts()[0], self.shards)
+            gate, up = split_columns(self.gate_up_proj(x, scale), self.fused_parts()[0], self.shards)
             return self.down_proj(jax.nn.silu(gate) * up)
 
 
@@ -180,6 +182,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(self, x, cos, sin, cache, layer, tree_mask, prefill, attn_impl):
+        if fold_norm(x.shape[-1], math.prod(x.shape[:-1])):  # a few-row step: each norm's factor applied to the next product
+            xw, s = self.input_layernorm.fold(x)
+            a, cache = self.self_attn(xw, cos, sin, cache, layer, tree_mask, prefill, attn_impl, scale=s)
+            x = x + a
+            x = x + self.mlp(*self.post_attention_layernorm.fold(x))
+            return x, cache
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, tree_mask, prefill, attn_impl)
         x, h = self.post_attention_layernorm.add(x, a)
         x = x + self.mlp(h)

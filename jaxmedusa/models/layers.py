@@ -34,6 +34,17 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * xf.astype(x.dtype)
 
     @jax.named_scope("norm")
+    def fold(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(weight * x, s [..., 1] float32) with self(x) = weight * x * s up to rounding: the next product takes
+        weight * x as its input (XLA fuses that multiply into the GEMM) and s onto its output rows
+        (Linear(..., scale=s)), so a few-row step runs no normalising kernel of its own (kernels.fold_norm)."""
+        xf = x.astype(jnp.float32)
+        s = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.scale_in_float32:
+            return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype), s
+        return self.weight[...] * x, s
+
+    @jax.named_scope("norm")
     def add(self, x: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(x + a, self(x + a)): a residual add and this norm, one kernel where the dispatcher fuses them
         (kernels.add_rms_norm, JAXMEDUSA_NORM)."""
@@ -104,9 +115,16 @@ class Linear(nnx.Linear):
 
     lora = None  # a LoRA adapter (models/lora.py add_lora) set on an instance adds its low-rank update
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """x @ kernel (+ LoRA's update) (+ bias); scale [..., 1] (float32) multiplies each row of the product
+        before the bias: the factor of an RMSNorm folded into this product (RMSNorm.fold)."""
         x = x.astype(self.dtype)
         y = matmul(x, self.kernel[...])
+        if scale is not None:
+            if self.lora is not None:
+                y = y + self.lora(x).astype(y.dtype)
+            y = (y.astype(jnp.float32) * scale).astype(y.dtype)
+            return y if self.bias is None else y + self.bias[...].astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.lora is not None:
