@@ -182,7 +182,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs)
 
     def __call__(self, x, cos, sin, cache, layer, tree_mask, prefill, attn_impl):
-        if fold_norm(x.shape[-1], math.prod(x.shape[:-1])):  # a few-row step: each norm's factor applied to the next product
+        # a few-row step: each norm's weight on the next product's input, its per-row factor on the product's output
+        if fold_norm(x.shape[-1], math.prod(x.shape[:-1])):
             xw, s = self.input_layernorm.fold(x)
             a, cache = self.self_attn(xw, cos, sin, cache, layer, tree_mask, prefill, attn_impl, scale=s)
             x = x + a
