@@ -25,10 +25,14 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale_in_float32 = scale_in_float32
 
+    def _factor(self, xf: jax.Array) -> jax.Array:
+        """rsqrt(mean(x^2) + eps) of each float32 row, [..., 1]: what the row is multiplied by."""
+        return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+
     @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        xf = xf * self._factor(xf)
         if self.scale_in_float32:
             return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype)
         return self.weight[...] * xf.astype(x.dtype)
@@ -39,7 +43,7 @@ class RMSNorm(nnx.Module):
         weight * x as its input (XLA fuses that multiply into the GEMM) and s onto its output rows
         (Linear(..., scale=s)), so a few-row step runs no normalising kernel of its own (kernels.fold_norm)."""
         xf = x.astype(jnp.float32)
-        s = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        s = self._factor(xf)
         if self.scale_in_float32:
             return (self.weight[...].astype(jnp.float32) * xf).astype(x.dtype), s
         return self.weight[...] * x, s
